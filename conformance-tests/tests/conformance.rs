@@ -1,0 +1,160 @@
+//! Runs every conformance case against the adapters named in `SURETY_ADAPTERS`
+//! (comma list of `memory`, `rabbitmq`, `kafka`, `rocketmq`), then prints the matrix.
+//!
+//! Without `SURETY_ADAPTERS`: `memory` plus every adapter whose broker answers; the run
+//! says which it skipped and why. Named adapters that cannot run fail the run.
+
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use surety_conformance::{CASES, Fixture, Report, Verdict};
+use surety_memory::{MemoryBroker, MemoryConfig};
+
+static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+});
+
+static REPORT: LazyLock<Report> = LazyLock::new(Report::default);
+
+const KNOWN: &[&str] = &["memory", "rabbitmq", "kafka", "rocketmq"];
+
+/// Builds the fixture of one adapter, or says why it cannot run.
+fn fixture(adapter: &str) -> Result<Fixture, String> {
+    match adapter {
+        "memory" => {
+            let broker = MemoryBroker::with_config(MemoryConfig {
+                transaction_timeout: Duration::from_millis(300),
+                check_interval: Duration::from_millis(100),
+                ..MemoryConfig::default()
+            });
+            Ok(Fixture::new(Arc::new(broker))
+                .quiet_period(Duration::from_millis(300))
+                .check_back_timeout(Duration::from_secs(10)))
+        }
+        "rabbitmq" | "kafka" | "rocketmq" => Err(format!(
+            "the {adapter} adapter is not built yet (see the open issues)"
+        )),
+        other => Err(format!(
+            "unknown adapter {other:?}; expected one of {}",
+            KNOWN.join(", ")
+        )),
+    }
+}
+
+/// Cases panic on purpose inside handlers and local transactions to prove a panic is a
+/// retry; keep those out of the output, report every other panic as usual.
+fn quiet_deliberate_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        if !text.starts_with(surety_conformance::DELIBERATE_PANIC) {
+            default(info);
+        }
+    }));
+}
+
+fn main() -> std::process::ExitCode {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    quiet_deliberate_panics();
+    let args = Arguments::from_args();
+
+    let (named, explicit) = match std::env::var("SURETY_ADAPTERS") {
+        Ok(list) if !list.trim().is_empty() => (
+            list.split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>(),
+            true,
+        ),
+        _ => (KNOWN.iter().map(|s| s.to_string()).collect(), false),
+    };
+
+    let mut fixtures = Vec::new();
+    let mut setup_errors = Vec::new();
+    for adapter in &named {
+        match fixture(adapter) {
+            Ok(f) => fixtures.push((adapter.clone(), f)),
+            Err(why) if explicit => setup_errors.push(format!("{adapter}: {why}")),
+            Err(why) => eprintln!("conformance: skipping {adapter}: {why}"),
+        }
+    }
+    if !setup_errors.is_empty() {
+        for e in &setup_errors {
+            eprintln!("conformance: cannot run {e}");
+        }
+        eprintln!("conformance: SURETY_ADAPTERS named adapters that cannot run; failing.");
+        return std::process::ExitCode::FAILURE;
+    }
+    eprintln!(
+        "conformance: running against {}",
+        fixtures
+            .iter()
+            .map(|(a, _)| a.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    let mut trials = Vec::new();
+    for (adapter, fixture) in &fixtures {
+        let caps = fixture.broker.capabilities();
+        for case in CASES {
+            let name = format!("{adapter}::{}", case.name);
+            let missing: Vec<String> = case
+                .requires
+                .iter()
+                .filter(|c| !caps.supports(**c))
+                .map(|c| c.to_string())
+                .collect();
+            if !missing.is_empty() {
+                let why = format!("needs {}", missing.join(", "));
+                if args
+                    .filter
+                    .as_ref()
+                    .is_none_or(|f| name.contains(f.as_str()))
+                {
+                    REPORT.add(case.name, adapter, Verdict::NotSupported(why.clone()));
+                }
+                trials.push(
+                    Trial::test(name, || Ok(()))
+                        .with_kind(why)
+                        .with_ignored_flag(true),
+                );
+                continue;
+            }
+            let fixture = fixture.clone();
+            let adapter = adapter.clone();
+            trials.push(Trial::test(name, move || {
+                let result = RUNTIME.block_on((case.run)(fixture));
+                match result {
+                    Ok(observed) => {
+                        REPORT.add(case.name, &adapter, Verdict::Pass(observed));
+                        Ok(())
+                    }
+                    Err(why) => {
+                        REPORT.add(case.name, &adapter, Verdict::Fail(why.clone()));
+                        Err(Failed::from(why))
+                    }
+                }
+            }));
+        }
+    }
+
+    let conclusion = libtest_mimic::run(&args, trials);
+    let order: Vec<&str> = CASES.iter().map(|c| c.name).collect();
+    println!("\n## Guarantee matrix\n\n{}", REPORT.markdown(&order));
+    conclusion.exit_code()
+}

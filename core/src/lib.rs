@@ -1,0 +1,55 @@
+//! The contracts of Surety: reliable messaging with eventual consistency, the same way on
+//! every broker.
+//!
+//! This crate has no broker dependency. Libraries depend on it alone and hold
+//! `Arc<dyn Publisher>`, `Arc<dyn Subscriber>` or `Arc<dyn Broker>`; applications pick an
+//! adapter (`surety-memory`, `surety-rabbitmq`, ...) through the `surety` facade.
+//!
+//! - [`Message`]: a stable [`MessageId`] (the deduplication key), a destination, an
+//!   optional ordering key, string headers, bytes; JSON helpers.
+//! - [`Publisher`]: send with confirm, pipelined batches, oneway (at-most-once).
+//! - [`TransactionalPublisher`] and [`CheckBack`]: half messages.
+//! - [`Subscriber`], [`Handler`], [`Outcome`]: ack after process, bounded redelivery
+//!   under a [`RetryPolicy`], dead letters.
+//! - [`Error`] with an [`ErrorKind`] and a retry verdict; [`Capabilities`] per adapter.
+//! - [`telemetry`]: every metric and span name.
+
+mod broker;
+mod capability;
+mod consume;
+mod error;
+mod message;
+mod publish;
+mod retry;
+pub mod telemetry;
+mod transaction;
+
+pub use broker::{Broker, Topology};
+pub use capability::{Capabilities, Capability};
+pub use consume::{
+    Delivery, Disposition, Handler, HandlerError, HandlerFailure, HandlerFn, Outcome, Subscriber,
+    Subscription, SubscriptionHandle, decide, handler_fn, run_handler,
+};
+pub use error::{Error, ErrorKind, Result};
+pub use message::{
+    Codec, Json, MAX_DESTINATION_LEN, MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, MAX_ID_LEN,
+    Message, MessageId, headers, validate_destination,
+};
+pub use publish::{Publisher, Receipt};
+pub use retry::RetryPolicy;
+pub use transaction::{
+    BrokerTransaction, CheckBack, CheckBackFn, LocalTransaction, TransactionalPublisher, TxOutcome,
+    TxState, check_back_fn, run_check_back, run_local_transaction,
+};
+
+#[allow(dead_code)]
+fn assert_object_safe(
+    _: &dyn Publisher,
+    _: &dyn TransactionalPublisher,
+    _: &dyn Subscriber,
+    _: &dyn Handler,
+    _: &dyn CheckBack,
+    _: &dyn Broker,
+    _: &dyn BrokerTransaction,
+) {
+}
