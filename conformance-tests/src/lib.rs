@@ -9,6 +9,7 @@
 //! `tests/conformance.rs` for the runner.
 
 mod cases;
+pub mod fault_proxy;
 mod report;
 mod support;
 
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use cases::{CASES, Case};
+pub use fault_proxy::FaultProxy;
 pub use report::{Report, Row, Verdict};
 pub use support::{Collector, Ledger, unique_name};
 use surety_core::Broker;
