@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use surety_core::{
-    Capability, CheckBack, Delivery, ErrorKind, Handler, Message, MessageId, Outcome, RetryPolicy,
-    Subscription, SubscriptionHandle, Topology, TxOutcome, TxState, check_back_fn, headers,
+    Capability, CheckBack, Delivery, ErrorKind, Handler, HandlerError, Message, MessageId, Outcome,
+    Publisher, RetryPolicy, Subscription, SubscriptionHandle, Topology, TransactionalPublisher,
+    TxOutcome, TxState, check_back_fn, headers,
 };
 
 use crate::support::{Collector, unique_name, wait_until};
@@ -40,102 +41,27 @@ macro_rules! case {
 }
 
 /// Every case, in the order of the matrix.
+#[rustfmt::skip]
 pub static CASES: &[Case] = &[
-    case!(
-        confirm_then_consume,
-        "every confirmed message is consumed, once",
-        []
-    ),
-    case!(
-        batch_reports_each_message,
-        "a batch returns one result per message; a bad one does not sink the rest",
-        []
-    ),
-    case!(
-        unroutable_is_an_error,
-        "a destination nobody declared is an unroutable error, not a silent success",
-        []
-    ),
-    case!(
-        invalid_message_is_rejected,
-        "oversized or malformed messages get a typed error and nothing is sent",
-        []
-    ),
-    case!(
-        ack_after_process,
-        "a handler that fails k times sees the message again; it is acked only after success",
-        []
-    ),
-    case!(
-        crash_before_ack_redelivers,
-        "a consumer that dies before acking does not lose the message",
-        []
-    ),
-    case!(
-        attempts_survive_restart,
-        "the attempt count survives a consumer restart",
-        []
-    ),
-    case!(
-        groups_and_competing_consumers,
-        "each group gets every message; consumers of a group share them",
-        []
-    ),
-    case!(
-        retry_then_dead_letter,
-        "a poison message is retried, then dead-lettered with reason and attempts; others flow",
-        [DeadLetter]
-    ),
-    case!(
-        reject_dead_letters_at_once,
-        "a rejected message is dead-lettered on its first delivery",
-        [DeadLetter]
-    ),
-    case!(
-        dead_letter_unavailable_keeps_message,
-        "if the dead-letter destination is unavailable, the message is kept, not lost nor hot-looped",
-        [DeadLetter]
-    ),
-    case!(
-        retry_after_delay,
-        "Retry { after } is not delivered before the delay",
-        [DelayedRetry]
-    ),
-    case!(
-        per_key_ordering,
-        "messages with one key are processed in publish order, retries included",
-        [OrderingPerKey]
-    ),
-    case!(
-        duplicate_detectable_by_id,
-        "a message published twice is delivered with the same id both times",
-        []
-    ),
-    case!(
-        oneway_publish,
-        "oneway publish hands messages over without a confirm",
-        [OnewayPublish]
-    ),
-    case!(
-        transactional_commit_and_rollback,
-        "a committed half message is delivered, a rolled-back one never; neither is visible before",
-        [HalfMessages]
-    ),
-    case!(
-        check_back_resolves_unknown,
-        "Unknown (or a panicking local transaction) is resolved by the check-back, both ways",
-        [HalfMessages]
-    ),
-    case!(
-        check_back_after_producer_dies,
-        "a new producer of the group answers the check-back of a producer that died",
-        [HalfMessages]
-    ),
-    case!(
-        broker_transaction_is_atomic,
-        "a broker transaction delivers all its messages on commit and none on abort",
-        [BrokerTransactions]
-    ),
+    case!(confirm_then_consume, "every confirmed message is consumed, once", []),
+    case!(batch_reports_each_message, "a batch returns one result per message; a bad one does not sink the rest", []),
+    case!(unroutable_is_an_error, "a destination nobody declared is an unroutable error, not a silent success", []),
+    case!(invalid_message_is_rejected, "oversized or malformed messages get a typed error and nothing is sent", []),
+    case!(ack_after_process, "a handler that fails k times sees the message again; it is acked only after success", []),
+    case!(crash_before_ack_redelivers, "a consumer that dies before acking does not lose the message", []),
+    case!(attempts_survive_restart, "the attempt count survives a consumer restart", []),
+    case!(groups_and_competing_consumers, "each group gets every message; consumers of a group share them", []),
+    case!(retry_then_dead_letter, "a poison message is retried, then dead-lettered with reason and attempts; others flow", [DeadLetter]),
+    case!(reject_dead_letters_at_once, "a rejected message is dead-lettered on its first delivery", [DeadLetter]),
+    case!(dead_letter_unavailable_keeps_message, "if the dead-letter destination is unavailable, the message is kept, neither lost nor hot-looped", [DeadLetter]),
+    case!(retry_after_delay, "Retry { after } is not delivered before the delay", [DelayedRetry]),
+    case!(per_key_ordering, "messages with one key are processed in publish order, retries included", [OrderingPerKey]),
+    case!(duplicate_detectable_by_id, "a message published twice is delivered with the same id both times", []),
+    case!(oneway_publish, "oneway publish hands messages over without a confirm", [OnewayPublish]),
+    case!(transactional_commit_and_rollback, "a committed half message is delivered, a rolled-back one never; neither is visible before", [HalfMessages]),
+    case!(check_back_resolves_unknown, "Unknown (or a panicking local transaction) is resolved by the check-back, both ways", [HalfMessages]),
+    case!(check_back_after_producer_dies, "a new producer of the group answers the check-back of a producer that died", [HalfMessages]),
+    case!(broker_transaction_is_atomic, "a broker transaction delivers all its messages on commit and none on abort", [BrokerTransactions]),
 ];
 
 macro_rules! ensure {
@@ -146,26 +72,59 @@ macro_rules! ensure {
     };
 }
 
+// ---------------------------------------------------------------------------------------
+// Shared steps.
+
 fn fail<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
 
+/// Short backoff so retry cases finish in seconds.
 fn fast_retry(max_attempts: u32) -> RetryPolicy {
     RetryPolicy::with_max_attempts(max_attempts)
         .backoff(Duration::from_millis(50), Duration::from_millis(300))
         .jitter(0.1)
 }
 
-/// Declares a fresh destination with `groups` (and their dead letters).
+/// Declares a fresh destination with one fresh group per name in `groups` (and their
+/// dead letters).
 async fn fresh(f: &Fixture, what: &str, groups: &[&str]) -> Result<(String, Vec<String>), String> {
     let destination = unique_name(what);
     let groups: Vec<String> = groups.iter().map(|g| unique_name(g)).collect();
-    let mut topology = Topology::new(&destination);
-    for g in &groups {
-        topology = topology.group(g);
-    }
+    let topology = groups
+        .iter()
+        .fold(Topology::new(&destination), |t, g| t.group(g));
     f.broker.declare(&topology).await.map_err(fail("declare"))?;
     Ok((destination, groups))
+}
+
+async fn publisher(f: &Fixture) -> Result<Arc<dyn Publisher>, String> {
+    f.broker.publisher().await.map_err(fail("publisher"))
+}
+
+async fn transactional(
+    f: &Fixture,
+    group: &str,
+    check_back: Arc<dyn CheckBack>,
+) -> Result<Arc<dyn TransactionalPublisher>, String> {
+    f.broker
+        .transactional_publisher(group, check_back)
+        .await
+        .map_err(fail("transactional publisher"))
+}
+
+/// Publishes one by one, each confirmed before the next.
+async fn publish_all(publisher: &dyn Publisher, messages: &[Message]) -> Result<(), String> {
+    for m in messages {
+        let receipt = publisher.publish(m).await.map_err(fail("publish"))?;
+        ensure!(
+            receipt.message_id == *m.id(),
+            "the receipt for {} names {}",
+            m.id(),
+            receipt.message_id
+        );
+    }
+    Ok(())
 }
 
 async fn subscribe(
@@ -180,6 +139,56 @@ async fn subscribe(
         .map_err(fail("subscribe"))
 }
 
+/// Starts `collector` on `subscription`.
+async fn start(
+    f: &Fixture,
+    subscription: Subscription,
+    collector: &Collector,
+) -> Result<SubscriptionHandle, String> {
+    subscribe(f, subscription, Arc::new(collector.clone())).await
+}
+
+/// Waits until `done` holds (or the delivery timeout passes), keeps watching for the
+/// quiet period to catch late or extra deliveries, then shuts the consumers down.
+/// Returns whether `done` held.
+async fn settle(f: &Fixture, handles: Vec<SubscriptionHandle>, done: impl FnMut() -> bool) -> bool {
+    let held = wait_until(f.delivery_timeout, done).await;
+    tokio::time::sleep(f.quiet_period).await;
+    for handle in handles {
+        handle.shutdown().await;
+    }
+    held
+}
+
+/// Runs `collector` on `subscription` until `done(collector)` holds; see [`settle`].
+async fn consume_until(
+    f: &Fixture,
+    subscription: Subscription,
+    collector: &Collector,
+    done: impl Fn(&Collector) -> bool,
+) -> Result<bool, String> {
+    let handle = start(f, subscription, collector).await?;
+    Ok(settle(f, vec![handle], || done(collector)).await)
+}
+
+/// Reads a dead-letter destination (or any destination) with a fresh group.
+async fn reader(
+    f: &Fixture,
+    destination: &str,
+    collector: &Collector,
+) -> Result<SubscriptionHandle, String> {
+    start(
+        f,
+        Subscription::new(destination, unique_name("reader")),
+        collector,
+    )
+    .await
+}
+
+fn ids(messages: &[Message]) -> Vec<MessageId> {
+    messages.iter().map(|m| m.id().clone()).collect()
+}
+
 fn numbered(destination: &str, n: usize) -> Vec<Message> {
     (0..n)
         .map(|i| {
@@ -188,64 +197,61 @@ fn numbered(destination: &str, n: usize) -> Vec<Message> {
         .collect()
 }
 
+/// Passes when nothing in `ids` was lost or delivered twice.
+fn exactly_once(collector: &Collector, ids: &[MessageId], what: &str) -> CaseResult {
+    let ledger = collector.ledger();
+    let observed = Observed {
+        messages: ids.len(),
+        lost: ledger.lost(ids),
+        duplicated: ledger.duplicated_among(ids),
+    };
+    ensure!(
+        observed.lost == 0,
+        "{} of {} {what} never arrived",
+        observed.lost,
+        ids.len()
+    );
+    ensure!(
+        observed.duplicated == 0,
+        "{} {what} were delivered twice on a healthy broker",
+        observed.duplicated
+    );
+    Ok(observed)
+}
+
+fn header<'a>(d: &'a Delivery, name: &str) -> &'a str {
+    d.message.header(name).unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------
+// Send with confirm.
+
 async fn confirm_then_consume(f: Fixture) -> CaseResult {
     let (dest, groups) = fresh(&f, "confirm", &["g"]).await?;
-    let publisher = f.broker.publisher().await.map_err(fail("publisher"))?;
+    let publisher = publisher(&f).await?;
     let messages = numbered(&dest, 300);
     // Half pipelined in one batch, half one by one.
     for r in publisher.publish_batch(&messages[..150]).await {
         r.map_err(fail("batch publish"))?;
     }
-    for m in &messages[150..] {
-        let receipt = publisher.publish(m).await.map_err(fail("publish"))?;
-        ensure!(
-            receipt.message_id == *m.id(),
-            "receipt names another message"
-        );
-    }
+    publish_all(publisher.as_ref(), &messages[150..]).await?;
+    let ids = ids(&messages);
     let collector = Collector::acking();
-    let handle = subscribe(
-        &f,
-        Subscription::new(&dest, &groups[0]),
-        Arc::new(collector.clone()),
-    )
+    consume_until(&f, Subscription::new(&dest, &groups[0]), &collector, |c| {
+        c.ledger().lost(&ids) == 0
+    })
     .await?;
-    let ids: Vec<&MessageId> = messages.iter().map(Message::id).collect();
-    collector
-        .wait(f.delivery_timeout, |c| {
-            c.ledger().lost(ids.iter().copied()) == 0
-        })
-        .await;
-    tokio::time::sleep(f.quiet_period).await;
-    handle.shutdown().await;
-    let ledger = collector.ledger();
-    let observed = Observed {
-        messages: messages.len(),
-        lost: ledger.lost(ids.iter().copied()),
-        duplicated: ledger.duplicated(),
-    };
-    ensure!(
-        observed.lost == 0,
-        "{} of {} confirmed messages never arrived",
-        observed.lost,
-        messages.len()
-    );
-    ensure!(
-        observed.duplicated == 0,
-        "{} duplicate deliveries on a healthy broker",
-        observed.duplicated
-    );
-    let payloads_ok = collector.deliveries().iter().all(|d| {
-        let seq = d.message.header("seq").unwrap_or("?");
-        d.message.payload().as_ref() == format!("message {seq}").as_bytes()
+    let observed = exactly_once(&collector, &ids, "confirmed messages")?;
+    let intact = collector.deliveries().iter().all(|d| {
+        d.message.payload().as_ref() == format!("message {}", header(d, "seq")).as_bytes()
     });
-    ensure!(payloads_ok, "a payload or header arrived changed");
+    ensure!(intact, "a payload or header arrived changed");
     Ok(observed)
 }
 
 async fn batch_reports_each_message(f: Fixture) -> CaseResult {
     let (dest, groups) = fresh(&f, "batch", &["g"]).await?;
-    let publisher = f.broker.publisher().await.map_err(fail("publisher"))?;
+    let publisher = publisher(&f).await?;
     let mut batch = numbered(&dest, 10);
     batch[3] = Message::new(unique_name("nowhere"), "lost?");
     batch[6] = Message::new(&dest, "bad header").with_header("bad name", "x");
@@ -271,46 +277,27 @@ async fn batch_reports_each_message(f: Fixture) -> CaseResult {
             (_, Ok(_)) => {}
         }
     }
-    let collector = Collector::acking();
-    let handle = subscribe(
-        &f,
-        Subscription::new(&dest, &groups[0]),
-        Arc::new(collector.clone()),
-    )
-    .await?;
-    let good: Vec<&MessageId> = batch
+    let good: Vec<Message> = batch
         .iter()
         .enumerate()
         .filter(|(i, _)| *i != 3 && *i != 6)
-        .map(|(_, m)| m.id())
+        .map(|(_, m)| m.clone())
         .collect();
-    collector
-        .wait(f.delivery_timeout, |c| {
-            c.ledger().lost(good.iter().copied()) == 0
-        })
-        .await;
-    tokio::time::sleep(f.quiet_period).await;
-    handle.shutdown().await;
-    let ledger = collector.ledger();
+    let good = ids(&good);
+    let collector = Collector::acking();
+    consume_until(&f, Subscription::new(&dest, &groups[0]), &collector, |c| {
+        c.ledger().lost(&good) == 0
+    })
+    .await?;
     ensure!(
-        ledger.count(batch[6].id()) == 0,
+        collector.of(batch[6].id()).is_empty(),
         "the invalid message was delivered"
     );
-    let observed = Observed {
-        messages: good.len(),
-        lost: ledger.lost(good.iter().copied()),
-        duplicated: ledger.duplicated(),
-    };
-    ensure!(
-        observed.lost == 0,
-        "{} good messages of the batch were lost",
-        observed.lost
-    );
-    Ok(observed)
+    exactly_once(&collector, &good, "good messages of the batch")
 }
 
 async fn unroutable_is_an_error(f: Fixture) -> CaseResult {
-    let publisher = f.broker.publisher().await.map_err(fail("publisher"))?;
+    let publisher = publisher(&f).await?;
     let message = Message::new(unique_name("undeclared"), "nobody listens");
     match publisher.publish(&message).await {
         Ok(r) => Err(format!(
@@ -335,13 +322,13 @@ async fn unroutable_is_an_error(f: Fixture) -> CaseResult {
 
 async fn invalid_message_is_rejected(f: Fixture) -> CaseResult {
     let (dest, groups) = fresh(&f, "invalid", &["g"]).await?;
-    let publisher = f.broker.publisher().await.map_err(fail("publisher"))?;
+    let publisher = publisher(&f).await?;
     let limit = f
         .broker
         .capabilities()
         .max_message_size
         .ok_or("the adapter declares no message size limit")?;
-    let bad = vec![
+    let bad = [
         Message::new(&dest, vec![0u8; limit + 1]),
         Message::new(&dest, "x").with_header("", "empty name"),
         Message::new(&dest, "x").with_header("h", "new\nline"),
@@ -362,12 +349,8 @@ async fn invalid_message_is_rejected(f: Fixture) -> CaseResult {
         }
     }
     let collector = Collector::acking();
-    let handle = subscribe(
-        &f,
-        Subscription::new(&dest, &groups[0]),
-        Arc::new(collector.clone()),
-    )
-    .await?;
+    // Nothing is expected: watch for the quiet period only.
+    let handle = start(&f, Subscription::new(&dest, &groups[0]), &collector).await?;
     tokio::time::sleep(f.quiet_period).await;
     handle.shutdown().await;
     ensure!(
@@ -380,9 +363,61 @@ async fn invalid_message_is_rejected(f: Fixture) -> CaseResult {
     })
 }
 
+async fn duplicate_detectable_by_id(f: Fixture) -> CaseResult {
+    let (dest, groups) = fresh(&f, "dup", &["g"]).await?;
+    let publisher = publisher(&f).await?;
+    let message = Message::new(&dest, "same").with_key("k");
+    // A producer retry after a lost confirm looks exactly like this.
+    publish_all(publisher.as_ref(), &[message.clone(), message.clone()]).await?;
+    let id = message.id().clone();
+    let collector = Collector::acking();
+    consume_until(&f, Subscription::new(&dest, &groups[0]), &collector, |c| {
+        c.of(&id).len() >= 2
+    })
+    .await?;
+    let copies = collector.of(&id);
+    ensure!(
+        copies.len() == 2,
+        "expected two deliveries of the re-published message, got {}",
+        copies.len()
+    );
+    let intact = copies
+        .iter()
+        .all(|d| d.message.payload() == message.payload() && d.message.key() == Some("k"));
+    ensure!(intact, "a copy arrived changed");
+    Ok(Observed {
+        messages: 2,
+        lost: 0,
+        duplicated: 1,
+    })
+}
+
+async fn oneway_publish(f: Fixture) -> CaseResult {
+    let (dest, groups) = fresh(&f, "oneway", &["g"]).await?;
+    let publisher = publisher(&f).await?;
+    let messages = numbered(&dest, 20);
+    for m in &messages {
+        publisher
+            .publish_oneway(m)
+            .await
+            .map_err(fail("oneway publish"))?;
+    }
+    let ids = ids(&messages);
+    let collector = Collector::acking();
+    consume_until(&f, Subscription::new(&dest, &groups[0]), &collector, |c| {
+        c.ledger().lost(&ids) == 0
+    })
+    .await?;
+    // Oneway is at-most-once by contract; on a healthy broker nothing should go missing.
+    exactly_once(&collector, &ids, "oneway messages")
+}
+
+// ---------------------------------------------------------------------------------------
+// Ack after process, redelivery, groups.
+
 async fn ack_after_process(f: Fixture) -> CaseResult {
     let (dest, groups) = fresh(&f, "ack", &["g"]).await?;
-    let publisher = f.broker.publisher().await.map_err(fail("publisher"))?;
+    let publisher = publisher(&f).await?;
     let flaky = Message::new(&dest, "flaky");
     let steady = numbered(&dest, 20);
     let flaky_id = flaky.id().clone();
@@ -397,49 +432,51 @@ async fn ack_after_process(f: Fixture) -> CaseResult {
             _ => Ok(Outcome::Ack),
         }
     });
-    let handle = subscribe(
+    let handle = start(
         &f,
         Subscription::new(&dest, &groups[0]).retry(fast_retry(5)),
-        Arc::new(collector.clone()),
+        &collector,
     )
     .await?;
-    publisher.publish(&flaky).await.map_err(fail("publish"))?;
-    for m in &steady {
-        publisher.publish(m).await.map_err(fail("publish"))?;
-    }
+    publish_all(publisher.as_ref(), std::slice::from_ref(&flaky)).await?;
+    publish_all(publisher.as_ref(), &steady).await?;
     let fid = flaky.id().clone();
-    collector
-        .wait(f.delivery_timeout, |c| c.of(&fid).len() >= 3)
-        .await;
-    tokio::time::sleep(f.quiet_period).await;
-    handle.shutdown().await;
-    let attempts: Vec<u32> = collector.of(flaky.id()).iter().map(|d| d.attempt).collect();
+    settle(&f, vec![handle], || collector.of(&fid).len() >= 3).await;
+    let attempts: Vec<u32> = collector.of(&fid).iter().map(|d| d.attempt).collect();
     ensure!(
-        attempts == vec![1, 2, 3],
-        "the flaky message was seen at attempts {attempts:?}, expected [1, 2, 3] and no delivery after the ack"
+        attempts == [1, 2, 3],
+        "the flaky message was seen at attempts {attempts:?}, expected [1, 2, 3] and nothing after the ack"
     );
-    let ledger = collector.ledger();
-    let ids: Vec<&MessageId> = steady.iter().map(Message::id).collect();
-    let lost = ledger.lost(ids.iter().copied());
-    ensure!(lost == 0, "{lost} steady messages lost");
-    let dup = ids
-        .iter()
-        .map(|id| ledger.count(id).saturating_sub(1))
-        .sum::<usize>();
-    ensure!(dup == 0, "{dup} steady messages delivered twice");
+    let observed = exactly_once(&collector, &ids(&steady), "steady messages")?;
     Ok(Observed {
-        messages: steady.len() + 1,
-        lost,
-        duplicated: dup,
+        messages: observed.messages + 1,
+        ..observed
     })
+}
+
+/// Takes deliveries and never returns, like a process that hangs or dies mid-work.
+#[derive(Default)]
+struct StuckHandler {
+    started: AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl Handler for StuckHandler {
+    async fn handle(&self, _: &Delivery) -> Result<Outcome, HandlerError> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        futures::future::pending().await
+    }
 }
 
 async fn crash_before_ack_redelivers(f: Fixture) -> CaseResult {
     let (dest, groups) = fresh(&f, "crash", &["g"]).await?;
-    let publisher = f.broker.publisher().await.map_err(fail("publisher"))?;
     let message = Message::new(&dest, "work");
-    publisher.publish(&message).await.map_err(fail("publish"))?;
-    // First consumer: takes the message and never finishes.
+    publish_all(
+        publisher(&f).await?.as_ref(),
+        std::slice::from_ref(&message),
+    )
+    .await?;
+    // First consumer: takes the message and never finishes, then dies.
     let stuck = Arc::new(StuckHandler::default());
     let handle = subscribe(&f, Subscription::new(&dest, &groups[0]), stuck.clone()).await?;
     let started = wait_until(f.delivery_timeout, || {
@@ -452,18 +489,12 @@ async fn crash_before_ack_redelivers(f: Fixture) -> CaseResult {
     );
     handle.abort();
     // Second consumer: gets it again.
-    let collector = Collector::acking();
-    let handle = subscribe(
-        &f,
-        Subscription::new(&dest, &groups[0]),
-        Arc::new(collector.clone()),
-    )
-    .await?;
     let id = message.id().clone();
-    let arrived = collector
-        .wait(f.delivery_timeout, |c| !c.of(&id).is_empty())
-        .await;
-    handle.shutdown().await;
+    let collector = Collector::acking();
+    let arrived = consume_until(&f, Subscription::new(&dest, &groups[0]), &collector, |c| {
+        !c.of(&id).is_empty()
+    })
+    .await?;
     ensure!(
         arrived,
         "the message a crashed consumer held was not delivered again"
@@ -479,43 +510,24 @@ async fn crash_before_ack_redelivers(f: Fixture) -> CaseResult {
     })
 }
 
-/// Takes deliveries and never returns, like a process that hangs or dies mid-work.
-#[derive(Default)]
-struct StuckHandler {
-    started: AtomicU32,
-}
-
-#[async_trait::async_trait]
-impl Handler for StuckHandler {
-    async fn handle(&self, _: &Delivery) -> Result<Outcome, surety_core::HandlerError> {
-        self.started.fetch_add(1, Ordering::SeqCst);
-        futures::future::pending().await
-    }
-}
-
 async fn attempts_survive_restart(f: Fixture) -> CaseResult {
     let (dest, groups) = fresh(&f, "attempts", &["g"]).await?;
-    let publisher = f.broker.publisher().await.map_err(fail("publisher"))?;
     let message = Message::new(&dest, "retry me");
-    publisher.publish(&message).await.map_err(fail("publish"))?;
+    publish_all(
+        publisher(&f).await?.as_ref(),
+        std::slice::from_ref(&message),
+    )
+    .await?;
+    let id = message.id().clone();
     let sub = Subscription::new(&dest, &groups[0])
         .retry(fast_retry(10))
         .concurrency(1);
     let first = Collector::with(|_| Ok(Outcome::retry()));
-    let handle = subscribe(&f, sub.clone(), Arc::new(first.clone())).await?;
-    let id = message.id().clone();
-    let twice = first
-        .wait(f.delivery_timeout, |c| c.of(&id).len() >= 2)
-        .await;
-    handle.shutdown().await;
+    let twice = consume_until(&f, sub.clone(), &first, |c| c.of(&id).len() >= 2).await?;
     ensure!(twice, "the message was not redelivered after a retry");
     let seen_before = first.of(&id).len() as u32;
     let second = Collector::acking();
-    let handle = subscribe(&f, sub, Arc::new(second.clone())).await?;
-    let arrived = second
-        .wait(f.delivery_timeout, |c| !c.of(&id).is_empty())
-        .await;
-    handle.shutdown().await;
+    let arrived = consume_until(&f, sub, &second, |c| !c.of(&id).is_empty()).await?;
     ensure!(
         arrived,
         "the message did not come back after the consumer restarted"
@@ -533,51 +545,28 @@ async fn attempts_survive_restart(f: Fixture) -> CaseResult {
 
 async fn groups_and_competing_consumers(f: Fixture) -> CaseResult {
     let (dest, groups) = fresh(&f, "groups", &["a", "b"]).await?;
-    let publisher = f.broker.publisher().await.map_err(fail("publisher"))?;
     let messages = numbered(&dest, 100);
-    let ids: Vec<&MessageId> = messages.iter().map(Message::id).collect();
-    let a1 = Collector::acking();
-    let a2 = Collector::acking();
-    let b = Collector::acking();
-    let h1 = subscribe(
-        &f,
-        Subscription::new(&dest, &groups[0]),
-        Arc::new(a1.clone()),
-    )
-    .await?;
-    let h2 = subscribe(
-        &f,
-        Subscription::new(&dest, &groups[0]),
-        Arc::new(a2.clone()),
-    )
-    .await?;
-    let h3 = subscribe(
-        &f,
-        Subscription::new(&dest, &groups[1]),
-        Arc::new(b.clone()),
-    )
-    .await?;
-    for r in publisher.publish_batch(&messages).await {
+    let ids = ids(&messages);
+    let (a1, a2, b) = (
+        Collector::acking(),
+        Collector::acking(),
+        Collector::acking(),
+    );
+    let handles = vec![
+        start(&f, Subscription::new(&dest, &groups[0]), &a1).await?,
+        start(&f, Subscription::new(&dest, &groups[0]), &a2).await?,
+        start(&f, Subscription::new(&dest, &groups[1]), &b).await?,
+    ];
+    for r in publisher(&f).await?.publish_batch(&messages).await {
         r.map_err(fail("publish"))?;
     }
-    let group_a = |_: &Collector| {
-        let mut l = a1.ledger();
-        for d in a2.deliveries() {
-            l.record(d.message.id());
-        }
-        l
-    };
-    wait_until(f.delivery_timeout, || {
-        group_a(&a1).lost(ids.iter().copied()) == 0 && b.ledger().lost(ids.iter().copied()) == 0
+    let group_a = || a1.ledger().merge(&a2.ledger());
+    settle(&f, handles, || {
+        group_a().lost(&ids) == 0 && b.ledger().lost(&ids) == 0
     })
     .await;
-    tokio::time::sleep(f.quiet_period).await;
-    h1.shutdown().await;
-    h2.shutdown().await;
-    h3.shutdown().await;
-    let la = group_a(&a1);
-    let lb = b.ledger();
-    let lost = la.lost(ids.iter().copied()) + lb.lost(ids.iter().copied());
+    let (la, lb) = (group_a(), b.ledger());
+    let lost = la.lost(&ids) + lb.lost(&ids);
     let duplicated = la.duplicated() + lb.duplicated();
     ensure!(lost == 0, "{lost} messages missing from a group");
     ensure!(
@@ -591,56 +580,152 @@ async fn groups_and_competing_consumers(f: Fixture) -> CaseResult {
     })
 }
 
+async fn retry_after_delay(f: Fixture) -> CaseResult {
+    let (dest, groups) = fresh(&f, "delay", &["g"]).await?;
+    let delay = Duration::from_millis(1500);
+    let collector = Collector::with(move |d: &Delivery| {
+        Ok(if d.attempt == 1 {
+            Outcome::retry_after(delay)
+        } else {
+            Outcome::Ack
+        })
+    });
+    let handle = start(
+        &f,
+        Subscription::new(&dest, &groups[0]).retry(fast_retry(3)),
+        &collector,
+    )
+    .await?;
+    let message = Message::new(&dest, "later");
+    publish_all(
+        publisher(&f).await?.as_ref(),
+        std::slice::from_ref(&message),
+    )
+    .await?;
+    let id = message.id().clone();
+    let twice = settle(&f, vec![handle], || collector.of(&id).len() >= 2).await;
+    ensure!(
+        twice,
+        "the message was not redelivered after Retry {{ after }}"
+    );
+    let times: Vec<_> = collector
+        .timed()
+        .into_iter()
+        .filter(|(_, d)| d.message.id() == &id)
+        .map(|(t, _)| t)
+        .collect();
+    let gap = times[1].duration_since(times[0]);
+    // A little slack for clock granularity; the point is that it was not immediate.
+    ensure!(
+        gap + Duration::from_millis(100) >= delay,
+        "redelivered after {gap:?}, before the requested {delay:?}"
+    );
+    Ok(Observed {
+        messages: 1,
+        ..Observed::default()
+    })
+}
+
+async fn per_key_ordering(f: Fixture) -> CaseResult {
+    let (dest, groups) = fresh(&f, "order", &["g"]).await?;
+    let keys = ["k0", "k1", "k2", "k3"];
+    let per_key: usize = 25;
+    let messages: Vec<Message> = (0..per_key)
+        .flat_map(|i| {
+            keys.map(|k| {
+                Message::new(&dest, format!("{k}:{i}"))
+                    .with_key(k)
+                    .with_header("seq", i.to_string())
+            })
+        })
+        .collect();
+    publish_all(publisher(&f).await?.as_ref(), &messages).await?;
+    // Every fifth message fails once: its retry must hold back later messages of its key.
+    let processed: Arc<Mutex<HashMap<String, Vec<u32>>>> = Arc::default();
+    let p = processed.clone();
+    let collector = Collector::with(move |d: &Delivery| {
+        let seq: u32 = header(d, "seq").parse().unwrap_or(0);
+        if seq.is_multiple_of(5) && d.attempt == 1 {
+            return Ok(Outcome::retry());
+        }
+        p.lock()
+            .unwrap()
+            .entry(d.message.key().unwrap_or_default().to_owned())
+            .or_default()
+            .push(seq);
+        Ok(Outcome::Ack)
+    });
+    let sub = Subscription::new(&dest, &groups[0])
+        .ordered(true)
+        .concurrency(4)
+        .retry(fast_retry(5));
+    let total = messages.len();
+    let done = |_: &Collector| {
+        processed
+            .lock()
+            .unwrap()
+            .values()
+            .map(Vec::len)
+            .sum::<usize>()
+            >= total
+    };
+    consume_until(&f, sub, &collector, done).await?;
+    let processed = processed.lock().unwrap().clone();
+    let mut lost = 0;
+    for k in keys {
+        let seqs = processed.get(k).cloned().unwrap_or_default();
+        lost += per_key.saturating_sub(seqs.len());
+        ensure!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "key {k} was processed out of order: {seqs:?}"
+        );
+    }
+    ensure!(lost == 0, "{lost} ordered messages were never processed");
+    Ok(Observed {
+        messages: total,
+        lost,
+        duplicated: 0,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Dead letters.
+
 async fn retry_then_dead_letter(f: Fixture) -> CaseResult {
     let (dest, groups) = fresh(&f, "poison", &["g"]).await?;
     let group = &groups[0];
-    let publisher = f.broker.publisher().await.map_err(fail("publisher"))?;
     let poison = Message::new(&dest, "poison").with_header("kind", "poison");
     let good = numbered(&dest, 30);
     let collector = Collector::with(|d: &Delivery| {
-        if d.message.header("kind") == Some("poison") {
+        if header(d, "kind") == "poison" {
             Err("cannot parse order".into())
         } else {
             Ok(Outcome::Ack)
         }
     });
-    let dlq = f.broker.dead_letter_destination(&dest, group);
     let dead = Collector::acking();
-    let dl_group = unique_name("dlq-reader");
-    let handle = subscribe(
-        &f,
-        Subscription::new(&dest, group).retry(fast_retry(3)),
-        Arc::new(collector.clone()),
-    )
-    .await?;
-    let dl_handle = subscribe(
-        &f,
-        Subscription::new(&dlq, &dl_group),
-        Arc::new(dead.clone()),
-    )
-    .await?;
-    publisher.publish(&poison).await.map_err(fail("publish"))?;
-    for m in &good {
-        publisher.publish(m).await.map_err(fail("publish"))?;
-    }
-    let pid = poison.id().clone();
-    let ids: Vec<&MessageId> = good.iter().map(Message::id).collect();
-    dead.wait(f.delivery_timeout, |c| !c.of(&pid).is_empty())
-        .await;
-    collector
-        .wait(f.delivery_timeout, |c| {
-            c.ledger().lost(ids.iter().copied()) == 0
-        })
-        .await;
-    tokio::time::sleep(f.quiet_period).await;
-    handle.shutdown().await;
-    dl_handle.shutdown().await;
-    let ledger = collector.ledger();
-    let lost = ledger.lost(ids.iter().copied());
-    ensure!(
-        lost == 0,
-        "{lost} good messages did not flow past the poison message"
-    );
+    let handles = vec![
+        start(
+            &f,
+            Subscription::new(&dest, group).retry(fast_retry(3)),
+            &collector,
+        )
+        .await?,
+        reader(&f, &f.broker.dead_letter_destination(&dest, group), &dead).await?,
+    ];
+    let publisher = publisher(&f).await?;
+    publish_all(publisher.as_ref(), std::slice::from_ref(&poison)).await?;
+    publish_all(publisher.as_ref(), &good).await?;
+    let (pid, good_ids) = (poison.id().clone(), ids(&good));
+    settle(&f, handles, || {
+        !dead.of(&pid).is_empty() && collector.ledger().lost(&good_ids) == 0
+    })
+    .await;
+    let observed = exactly_once(
+        &collector,
+        &good_ids,
+        "good messages behind the poison message",
+    )?;
     let tries = collector.of(&pid).len();
     ensure!(
         tries == 3,
@@ -652,60 +737,53 @@ async fn retry_then_dead_letter(f: Fixture) -> CaseResult {
         "the poison message reached the dead-letter destination {} times",
         dl.len()
     );
-    let m = &dl[0].message;
+    let d = &dl[0];
     ensure!(
-        m.header(headers::DEAD_LETTER_ATTEMPTS) == Some("3"),
+        header(d, headers::DEAD_LETTER_ATTEMPTS) == "3",
         "dead letter attempts header: {:?}",
-        m.header(headers::DEAD_LETTER_ATTEMPTS)
+        header(d, headers::DEAD_LETTER_ATTEMPTS)
     );
-    let reason = m.header(headers::DEAD_LETTER_REASON).unwrap_or_default();
+    let reason = header(d, headers::DEAD_LETTER_REASON);
     ensure!(
         reason.contains("cannot parse order"),
         "dead letter reason {reason:?} does not carry the handler's error"
     );
     ensure!(
-        m.header(headers::ORIGINAL_DESTINATION) == Some(dest.as_str()),
-        "dead letter does not name its origin"
+        header(d, headers::ORIGINAL_DESTINATION) == dest,
+        "the dead letter does not name its origin"
     );
     ensure!(
-        m.payload() == poison.payload(),
-        "dead letter payload changed"
+        d.message.payload() == poison.payload(),
+        "the dead letter's payload changed"
     );
     Ok(Observed {
-        messages: good.len() + 1,
-        lost,
-        duplicated: ledger.duplicated().saturating_sub(tries - 1),
+        messages: observed.messages + 1,
+        ..observed
     })
 }
 
 async fn reject_dead_letters_at_once(f: Fixture) -> CaseResult {
     let (dest, groups) = fresh(&f, "reject", &["g"]).await?;
     let group = &groups[0];
-    let publisher = f.broker.publisher().await.map_err(fail("publisher"))?;
     let message = Message::new(&dest, "invalid order");
     let collector = Collector::with(|_| Ok(Outcome::reject("order total is negative")));
     let dead = Collector::acking();
-    let dlq = f.broker.dead_letter_destination(&dest, group);
-    let handle = subscribe(
-        &f,
-        Subscription::new(&dest, group).retry(fast_retry(5)),
-        Arc::new(collector.clone()),
+    let handles = vec![
+        start(
+            &f,
+            Subscription::new(&dest, group).retry(fast_retry(5)),
+            &collector,
+        )
+        .await?,
+        reader(&f, &f.broker.dead_letter_destination(&dest, group), &dead).await?,
+    ];
+    publish_all(
+        publisher(&f).await?.as_ref(),
+        std::slice::from_ref(&message),
     )
     .await?;
-    let dl_handle = subscribe(
-        &f,
-        Subscription::new(&dlq, unique_name("dlq-reader")),
-        Arc::new(dead.clone()),
-    )
-    .await?;
-    publisher.publish(&message).await.map_err(fail("publish"))?;
     let id = message.id().clone();
-    let arrived = dead
-        .wait(f.delivery_timeout, |c| !c.of(&id).is_empty())
-        .await;
-    tokio::time::sleep(f.quiet_period).await;
-    handle.shutdown().await;
-    dl_handle.shutdown().await;
+    let arrived = settle(&f, handles, || !dead.of(&id).is_empty()).await;
     ensure!(
         arrived,
         "the rejected message never reached the dead-letter destination"
@@ -715,13 +793,13 @@ async fn reject_dead_letters_at_once(f: Fixture) -> CaseResult {
         "a rejected message was delivered {} times",
         collector.of(&id).len()
     );
-    let m = &dead.of(&id)[0].message;
+    let d = &dead.of(&id)[0];
     ensure!(
-        m.header(headers::DEAD_LETTER_ATTEMPTS) == Some("1"),
+        header(d, headers::DEAD_LETTER_ATTEMPTS) == "1",
         "attempts header {:?}",
-        m.header(headers::DEAD_LETTER_ATTEMPTS)
+        header(d, headers::DEAD_LETTER_ATTEMPTS)
     );
-    let reason = m.header(headers::DEAD_LETTER_REASON).unwrap_or_default();
+    let reason = header(d, headers::DEAD_LETTER_REASON);
     ensure!(
         reason.contains("order total is negative"),
         "reason {reason:?}"
@@ -734,18 +812,20 @@ async fn reject_dead_letters_at_once(f: Fixture) -> CaseResult {
 
 async fn dead_letter_unavailable_keeps_message(f: Fixture) -> CaseResult {
     let (dest, groups) = fresh(&f, "dlq-down", &["g"]).await?;
-    let group = &groups[0];
-    let publisher = f.broker.publisher().await.map_err(fail("publisher"))?;
     let message = Message::new(&dest, "poison");
-    publisher.publish(&message).await.map_err(fail("publish"))?;
+    publish_all(
+        publisher(&f).await?.as_ref(),
+        std::slice::from_ref(&message),
+    )
+    .await?;
     let missing_dlq = unique_name("missing-dlq");
     let policy = fast_retry(2);
-    let sub = Subscription::new(&dest, group)
+    let sub = Subscription::new(&dest, &groups[0])
         .retry(policy.clone())
         .dead_letter_to(&missing_dlq)
         .concurrency(1);
     let collector = Collector::with(|_| Err("always fails".into()));
-    let handle = subscribe(&f, sub.clone(), Arc::new(collector.clone())).await?;
+    let handle = start(&f, sub.clone(), &collector).await?;
     let window = Duration::from_secs(3);
     tokio::time::sleep(window).await;
     handle.shutdown().await;
@@ -765,21 +845,14 @@ async fn dead_letter_unavailable_keeps_message(f: Fixture) -> CaseResult {
     f.broker
         .declare(&Topology::new(&missing_dlq))
         .await
-        .map_err(fail("declare dead-letter destination"))?;
+        .map_err(fail("declare the dead-letter destination"))?;
     let dead = Collector::acking();
-    let dl_handle = subscribe(
-        &f,
-        Subscription::new(&missing_dlq, unique_name("dlq-reader")),
-        Arc::new(dead.clone()),
-    )
-    .await?;
-    let handle = subscribe(&f, sub, Arc::new(collector.clone())).await?;
     let id = message.id().clone();
-    let arrived = dead
-        .wait(f.delivery_timeout, |c| !c.of(&id).is_empty())
-        .await;
-    handle.shutdown().await;
-    dl_handle.shutdown().await;
+    let handles = vec![
+        reader(&f, &missing_dlq, &dead).await?,
+        start(&f, sub, &collector).await?,
+    ];
+    let arrived = settle(&f, handles, || !dead.of(&id).is_empty()).await;
     ensure!(
         arrived,
         "the kept message did not reach the dead-letter destination once it existed"
@@ -790,199 +863,8 @@ async fn dead_letter_unavailable_keeps_message(f: Fixture) -> CaseResult {
     })
 }
 
-async fn retry_after_delay(f: Fixture) -> CaseResult {
-    let (dest, groups) = fresh(&f, "delay", &["g"]).await?;
-    let publisher = f.broker.publisher().await.map_err(fail("publisher"))?;
-    let delay = Duration::from_millis(1500);
-    let collector = Collector::with(move |d: &Delivery| {
-        Ok(if d.attempt == 1 {
-            Outcome::retry_after(delay)
-        } else {
-            Outcome::Ack
-        })
-    });
-    let handle = subscribe(
-        &f,
-        Subscription::new(&dest, &groups[0]).retry(fast_retry(3)),
-        Arc::new(collector.clone()),
-    )
-    .await?;
-    let message = Message::new(&dest, "later");
-    publisher.publish(&message).await.map_err(fail("publish"))?;
-    let id = message.id().clone();
-    let twice = collector
-        .wait(f.delivery_timeout, |c| c.of(&id).len() >= 2)
-        .await;
-    handle.shutdown().await;
-    ensure!(
-        twice,
-        "the message was not redelivered after Retry {{ after }}"
-    );
-    let timed: Vec<_> = collector
-        .timed()
-        .into_iter()
-        .filter(|(_, d)| d.message.id() == &id)
-        .collect();
-    let gap = timed[1].0.duration_since(timed[0].0);
-    // A little slack for clock granularity; the point is that it was not immediate.
-    ensure!(
-        gap + Duration::from_millis(100) >= delay,
-        "redelivered after {gap:?}, before the requested {delay:?}"
-    );
-    Ok(Observed {
-        messages: 1,
-        ..Observed::default()
-    })
-}
-
-async fn per_key_ordering(f: Fixture) -> CaseResult {
-    let (dest, groups) = fresh(&f, "order", &["g"]).await?;
-    let publisher = f.broker.publisher().await.map_err(fail("publisher"))?;
-    let keys = ["k0", "k1", "k2", "k3"];
-    let per_key: usize = 25;
-    let mut messages = Vec::new();
-    for i in 0..per_key {
-        for k in keys {
-            messages.push(
-                Message::new(&dest, format!("{k}:{i}"))
-                    .with_key(k)
-                    .with_header("seq", i.to_string()),
-            );
-        }
-    }
-    for m in &messages {
-        publisher.publish(m).await.map_err(fail("publish"))?;
-    }
-    // Every fifth message fails once: its retry must hold back later messages of its key.
-    let processed: Arc<Mutex<HashMap<String, Vec<u32>>>> = Arc::default();
-    let p = processed.clone();
-    let collector = Collector::with(move |d: &Delivery| {
-        let seq: u32 = d
-            .message
-            .header("seq")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        if seq.is_multiple_of(5) && d.attempt == 1 {
-            return Ok(Outcome::retry());
-        }
-        p.lock()
-            .unwrap()
-            .entry(d.message.key().unwrap_or_default().to_owned())
-            .or_default()
-            .push(seq);
-        Ok(Outcome::Ack)
-    });
-    let sub = Subscription::new(&dest, &groups[0])
-        .ordered(true)
-        .concurrency(4)
-        .retry(fast_retry(5));
-    let handle = subscribe(&f, sub, Arc::new(collector.clone())).await?;
-    let total = messages.len();
-    wait_until(f.delivery_timeout, || {
-        processed
-            .lock()
-            .unwrap()
-            .values()
-            .map(Vec::len)
-            .sum::<usize>()
-            >= total
-    })
-    .await;
-    tokio::time::sleep(f.quiet_period).await;
-    handle.shutdown().await;
-    let processed = processed.lock().unwrap().clone();
-    let mut lost = 0;
-    for k in keys {
-        let seqs = processed.get(k).cloned().unwrap_or_default();
-        lost += per_key.saturating_sub(seqs.len());
-        let in_order = seqs.windows(2).all(|w| w[0] < w[1]);
-        ensure!(in_order, "key {k} was processed out of order: {seqs:?}");
-    }
-    ensure!(lost == 0, "{lost} ordered messages were never processed");
-    Ok(Observed {
-        messages: total,
-        lost,
-        duplicated: 0,
-    })
-}
-
-async fn duplicate_detectable_by_id(f: Fixture) -> CaseResult {
-    let (dest, groups) = fresh(&f, "dup", &["g"]).await?;
-    let publisher = f.broker.publisher().await.map_err(fail("publisher"))?;
-    let message = Message::new(&dest, "same").with_key("k");
-    // A producer retry after a lost confirm looks exactly like this.
-    publisher.publish(&message).await.map_err(fail("publish"))?;
-    publisher
-        .publish(&message)
-        .await
-        .map_err(fail("publish again"))?;
-    let collector = Collector::acking();
-    let handle = subscribe(
-        &f,
-        Subscription::new(&dest, &groups[0]),
-        Arc::new(collector.clone()),
-    )
-    .await?;
-    let id = message.id().clone();
-    collector
-        .wait(f.delivery_timeout, |c| c.of(&id).len() >= 2)
-        .await;
-    handle.shutdown().await;
-    let copies = collector.of(&id);
-    ensure!(
-        copies.len() == 2,
-        "expected two deliveries of the re-published message, got {}",
-        copies.len()
-    );
-    ensure!(
-        copies
-            .iter()
-            .all(|d| d.message.payload() == message.payload() && d.message.key() == Some("k")),
-        "a copy arrived changed"
-    );
-    Ok(Observed {
-        messages: 2,
-        lost: 0,
-        duplicated: 1,
-    })
-}
-
-async fn oneway_publish(f: Fixture) -> CaseResult {
-    let (dest, groups) = fresh(&f, "oneway", &["g"]).await?;
-    let publisher = f.broker.publisher().await.map_err(fail("publisher"))?;
-    let messages = numbered(&dest, 20);
-    for m in &messages {
-        publisher
-            .publish_oneway(m)
-            .await
-            .map_err(fail("oneway publish"))?;
-    }
-    let collector = Collector::acking();
-    let handle = subscribe(
-        &f,
-        Subscription::new(&dest, &groups[0]),
-        Arc::new(collector.clone()),
-    )
-    .await?;
-    let ids: Vec<&MessageId> = messages.iter().map(Message::id).collect();
-    collector
-        .wait(f.delivery_timeout, |c| {
-            c.ledger().lost(ids.iter().copied()) == 0
-        })
-        .await;
-    handle.shutdown().await;
-    // Oneway is at-most-once by contract; on a healthy broker nothing should go missing.
-    let lost = collector.ledger().lost(ids.iter().copied());
-    ensure!(
-        lost == 0,
-        "{lost} oneway messages missing on a healthy broker"
-    );
-    Ok(Observed {
-        messages: messages.len(),
-        lost,
-        duplicated: 0,
-    })
-}
+// ---------------------------------------------------------------------------------------
+// Half messages and check-back.
 
 /// A check-back that answers from a shared table, the way an application answers from
 /// its database, and counts the questions.
@@ -1020,39 +902,39 @@ impl CheckBack for TableCheckBack {
     }
 }
 
+/// Waits up to the check-back timeout for `done`, then watches for the quiet period.
+async fn settle_check_back(
+    f: &Fixture,
+    handle: SubscriptionHandle,
+    done: impl FnMut() -> bool,
+) -> bool {
+    let held = wait_until(f.check_back_timeout, done).await;
+    tokio::time::sleep(f.quiet_period).await;
+    handle.shutdown().await;
+    held
+}
+
 async fn transactional_commit_and_rollback(f: Fixture) -> CaseResult {
     let (dest, groups) = fresh(&f, "tx", &["g"]).await?;
     let check = Arc::new(TableCheckBack::default());
-    let producer = f
-        .broker
-        .transactional_publisher(&unique_name("producer"), check.clone())
-        .await
-        .map_err(fail("transactional publisher"))?;
+    let producer = transactional(&f, &unique_name("producer"), check.clone()).await?;
     let collector = Collector::acking();
-    let handle = subscribe(
-        &f,
-        Subscription::new(&dest, &groups[0]),
-        Arc::new(collector.clone()),
-    )
-    .await?;
+    let handle = start(&f, Subscription::new(&dest, &groups[0]), &collector).await?;
     let commit = Message::new(&dest, "order 1 placed");
     let rollback = Message::new(&dest, "order 2 placed");
     let (cid, rid) = (commit.id().clone(), rollback.id().clone());
-    let quiet = f.quiet_period;
-    let c = collector.clone();
+    let (quiet, seen, id) = (f.quiet_period, collector.clone(), cid.clone());
+    let local = Box::pin(async move {
+        // The half message must stay invisible while the local transaction runs.
+        tokio::time::sleep(quiet).await;
+        if seen.of(&id).is_empty() {
+            TxState::Commit
+        } else {
+            TxState::Rollback
+        }
+    });
     let outcome = producer
-        .send_in_transaction(
-            &commit,
-            Box::pin(async move {
-                // The half message must stay invisible while the local transaction runs.
-                tokio::time::sleep(quiet).await;
-                if c.of(&cid).is_empty() {
-                    TxState::Commit
-                } else {
-                    TxState::Rollback
-                }
-            }),
-        )
+        .send_in_transaction(&commit, local)
         .await
         .map_err(fail("send_in_transaction (commit)"))?;
     ensure!(
@@ -1067,12 +949,7 @@ async fn transactional_commit_and_rollback(f: Fixture) -> CaseResult {
         outcome == TxOutcome::RolledBack,
         "rollback outcome {outcome:?}"
     );
-    let cid = commit.id().clone();
-    let arrived = collector
-        .wait(f.delivery_timeout, |c| !c.of(&cid).is_empty())
-        .await;
-    tokio::time::sleep(f.quiet_period).await;
-    handle.shutdown().await;
+    let arrived = settle(&f, vec![handle], || !collector.of(&cid).is_empty()).await;
     ensure!(arrived, "the committed message was never delivered");
     ensure!(
         collector.of(&rid).is_empty(),
@@ -1092,18 +969,9 @@ async fn transactional_commit_and_rollback(f: Fixture) -> CaseResult {
 async fn check_back_resolves_unknown(f: Fixture) -> CaseResult {
     let (dest, groups) = fresh(&f, "checkback", &["g"]).await?;
     let check = Arc::new(TableCheckBack::default());
-    let producer = f
-        .broker
-        .transactional_publisher(&unique_name("producer"), check.clone())
-        .await
-        .map_err(fail("transactional publisher"))?;
+    let producer = transactional(&f, &unique_name("producer"), check.clone()).await?;
     let collector = Collector::acking();
-    let handle = subscribe(
-        &f,
-        Subscription::new(&dest, &groups[0]),
-        Arc::new(collector.clone()),
-    )
-    .await?;
+    let handle = start(&f, Subscription::new(&dest, &groups[0]), &collector).await?;
     let to_commit = Message::new(&dest, "committed later");
     let to_rollback = Message::new(&dest, "rolled back later");
     let panicked = Message::new(&dest, "local transaction panicked, then committed");
@@ -1117,16 +985,14 @@ async fn check_back_resolves_unknown(f: Fixture) -> CaseResult {
             "Unknown gave {outcome:?}, expected Pending"
         );
     }
+    let crash = Box::pin(async {
+        if true {
+            panic!("{DELIBERATE_PANIC}: local transaction crashed");
+        }
+        TxState::Commit
+    });
     let outcome = producer
-        .send_in_transaction(
-            &panicked,
-            Box::pin(async {
-                if true {
-                    panic!("{DELIBERATE_PANIC}: local transaction crashed");
-                }
-                TxState::Commit
-            }),
-        )
+        .send_in_transaction(&panicked, crash)
         .await
         .map_err(fail("send_in_transaction (panic)"))?;
     ensure!(
@@ -1142,12 +1008,10 @@ async fn check_back_resolves_unknown(f: Fixture) -> CaseResult {
         to_rollback.id().clone(),
         panicked.id().clone(),
     );
-    let resolved = wait_until(f.check_back_timeout, || {
+    let resolved = settle_check_back(&f, handle, || {
         check.asked(&r) > 0 && !collector.of(&c).is_empty() && !collector.of(&p).is_empty()
     })
     .await;
-    tokio::time::sleep(f.quiet_period).await;
-    handle.shutdown().await;
     ensure!(
         resolved,
         "check-back did not resolve within {:?} (asked: commit {}, rollback {}, panic {})",
@@ -1171,48 +1035,35 @@ async fn check_back_after_producer_dies(f: Fixture) -> CaseResult {
     let (dest, groups) = fresh(&f, "orphan", &["g"]).await?;
     let producer_group = unique_name("producer");
     let collector = Collector::acking();
-    let handle = subscribe(
-        &f,
-        Subscription::new(&dest, &groups[0]),
-        Arc::new(collector.clone()),
-    )
-    .await?;
+    let handle = start(&f, Subscription::new(&dest, &groups[0]), &collector).await?;
     let to_commit = Message::new(&dest, "committed by the dead producer");
     let to_rollback = Message::new(&dest, "rolled back by the dead producer");
     {
         // The first producer knows nothing and dies while its local transactions hang.
-        let first = f
-            .broker
-            .transactional_publisher(
-                &producer_group,
-                Arc::new(check_back_fn(|_| async { TxState::Unknown })),
-            )
-            .await
-            .map_err(fail("first producer"))?;
+        let first = transactional(
+            &f,
+            &producer_group,
+            Arc::new(check_back_fn(|_| async { TxState::Unknown })),
+        )
+        .await?;
         for m in [&to_commit, &to_rollback] {
             let send = first.send_in_transaction(m, Box::pin(futures::future::pending()));
-            let timed_out = tokio::time::timeout(Duration::from_millis(500), send)
+            let hung = tokio::time::timeout(Duration::from_millis(500), send)
                 .await
                 .is_err();
-            ensure!(timed_out, "a local transaction that never ends returned");
+            ensure!(hung, "a local transaction that never ends returned");
         }
     }
     // A new producer of the same group, reading the application's database.
     let check = Arc::new(TableCheckBack::default());
     check.set(to_commit.id(), TxState::Commit);
     check.set(to_rollback.id(), TxState::Rollback);
-    let _second = f
-        .broker
-        .transactional_publisher(&producer_group, check.clone())
-        .await
-        .map_err(fail("second producer"))?;
+    let _second = transactional(&f, &producer_group, check.clone()).await?;
     let (c, r) = (to_commit.id().clone(), to_rollback.id().clone());
-    let resolved = wait_until(f.check_back_timeout, || {
+    let resolved = settle_check_back(&f, handle, || {
         check.asked(&r) > 0 && !collector.of(&c).is_empty()
     })
     .await;
-    tokio::time::sleep(f.quiet_period).await;
-    handle.shutdown().await;
     ensure!(
         resolved,
         "the new producer's check-back did not resolve the orphans (asked: commit {}, rollback {})",
@@ -1230,50 +1081,39 @@ async fn check_back_after_producer_dies(f: Fixture) -> CaseResult {
     })
 }
 
+// ---------------------------------------------------------------------------------------
+// Broker-native transactions.
+
 async fn broker_transaction_is_atomic(f: Fixture) -> CaseResult {
     let (dest, groups) = fresh(&f, "brokertx", &["g"]).await?;
     let aborted = numbered(&dest, 3);
     let committed = numbered(&dest, 3);
-    let mut tx = f.broker.begin_transaction().await.map_err(fail("begin"))?;
-    for m in &aborted {
-        tx.publish(m)
-            .await
-            .map_err(fail("publish in transaction"))?;
+    for (messages, commit) in [(&aborted, false), (&committed, true)] {
+        let mut tx = f.broker.begin_transaction().await.map_err(fail("begin"))?;
+        for m in messages {
+            tx.publish(m)
+                .await
+                .map_err(fail("publish in transaction"))?;
+        }
+        if commit {
+            tx.commit().await.map_err(fail("commit"))?;
+        } else {
+            tx.abort().await.map_err(fail("abort"))?;
+        }
     }
-    tx.abort().await.map_err(fail("abort"))?;
-    let mut tx = f.broker.begin_transaction().await.map_err(fail("begin"))?;
-    for m in &committed {
-        tx.publish(m)
-            .await
-            .map_err(fail("publish in transaction"))?;
-    }
-    tx.commit().await.map_err(fail("commit"))?;
+    let ids = ids(&committed);
     let collector = Collector::acking();
-    let handle = subscribe(
-        &f,
-        Subscription::new(&dest, &groups[0]),
-        Arc::new(collector.clone()),
-    )
+    consume_until(&f, Subscription::new(&dest, &groups[0]), &collector, |c| {
+        c.ledger().lost(&ids) == 0
+    })
     .await?;
-    let ids: Vec<&MessageId> = committed.iter().map(Message::id).collect();
-    collector
-        .wait(f.delivery_timeout, |c| {
-            c.ledger().lost(ids.iter().copied()) == 0
-        })
-        .await;
-    tokio::time::sleep(f.quiet_period).await;
-    handle.shutdown().await;
-    let ledger = collector.ledger();
-    let lost = ledger.lost(ids.iter().copied());
-    ensure!(lost == 0, "{lost} committed messages missing");
-    let leaked = aborted.iter().filter(|m| ledger.count(m.id()) > 0).count();
+    let leaked = aborted
+        .iter()
+        .filter(|m| !collector.of(m.id()).is_empty())
+        .count();
     ensure!(
         leaked == 0,
         "{leaked} messages of an aborted transaction were delivered"
     );
-    Ok(Observed {
-        messages: 6,
-        lost,
-        duplicated: ledger.duplicated(),
-    })
+    exactly_once(&collector, &ids, "committed messages")
 }

@@ -40,11 +40,24 @@ impl Ledger {
     }
 
     /// How many of `expected` never arrived.
-    pub fn lost<'a>(&self, expected: impl IntoIterator<Item = &'a MessageId>) -> usize {
+    pub fn lost(&self, expected: &[MessageId]) -> usize {
         expected
-            .into_iter()
+            .iter()
             .filter(|id| !self.seen.contains_key(*id))
             .count()
+    }
+
+    /// Deliveries beyond the first among `ids` only.
+    pub fn duplicated_among(&self, ids: &[MessageId]) -> usize {
+        ids.iter().map(|id| self.count(id).saturating_sub(1)).sum()
+    }
+
+    /// Adds every delivery of `other`.
+    pub fn merge(mut self, other: &Ledger) -> Ledger {
+        for (id, n) in &other.seen {
+            *self.seen.entry(id.clone()).or_default() += n;
+        }
+        self
     }
 
     /// Deliveries beyond the first, summed over ids.
