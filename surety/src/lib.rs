@@ -12,22 +12,28 @@
 //! |---|---|
 //! | `memory` (default) | [`memory`]: in-process broker, the reference and embedded default |
 //!
-//! The `rabbitmq`, `kafka`, `rocketmq`, `postgres` and `sqlite` features arrive with
-//! their adapters. Libraries should depend on `surety-core` alone; applications pick the
+//! [`connect`] turns a URL into an `Arc<dyn Broker>`, so an application switches broker by
+//! changing one feature and one URL. The `rabbitmq`, `kafka`, `rocketmq`, `postgres` and
+//! `sqlite` features arrive with their adapters. Libraries should depend on `surety-core` alone; applications pick the
 //! broker here.
 //!
 //! ```
+//! # #[cfg(feature = "memory")]
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> surety::Result<()> {
-//! use surety::{Broker, Message, Topology};
+//! use surety::{Message, Topology};
 //!
-//! let broker = surety::memory::MemoryBroker::new();
+//! let broker = surety::connect("memory:").await?;
 //! broker.declare(&Topology::new("orders").group("cart")).await?;
 //! let receipt = broker.publisher().await?.publish(&Message::new("orders", "order 1")).await?;
 //! assert_eq!(receipt.destination, "orders");
 //! # Ok(()) }
+//! # #[cfg(not(feature = "memory"))] fn main() {}
 //! ```
 #![deny(missing_docs)]
 
+mod connect;
+
+pub use connect::connect;
 pub use surety_core::*;
 
 /// The in-process broker (feature `memory`).

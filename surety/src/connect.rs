@@ -1,0 +1,67 @@
+//! One URL picks the broker: `surety::connect(url)`.
+
+use std::sync::Arc;
+
+use crate::{Broker, Error, ErrorKind, Result};
+
+/// Connects to the broker named by `url` and returns it behind the `Broker` contract.
+///
+/// | scheme | adapter | cargo feature |
+/// |---|---|---|
+/// | `memory:` | in-process broker | `memory` |
+///
+/// A scheme whose adapter is not compiled in is a configuration error that names the
+/// feature to enable. The URL is never echoed whole in errors, since it may carry
+/// credentials.
+pub async fn connect(url: &str) -> Result<Arc<dyn Broker>> {
+    let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or_default();
+    match scheme {
+        #[cfg(feature = "memory")]
+        "memory" => Ok(Arc::new(surety_memory::MemoryBroker::new())),
+        // Reached for the schemes whose feature is off in this build.
+        #[allow(unreachable_patterns)]
+        known @ ("memory" | "amqp" | "amqps" | "kafka" | "rocketmq") => Err(Error::new(
+            ErrorKind::Configuration,
+            format!(
+                "the {known}: scheme needs the {} feature of surety",
+                feature_for(known)
+            ),
+        )),
+        _ => Err(Error::new(
+            ErrorKind::Configuration,
+            "unknown broker URL scheme; expected memory:, amqp:, amqps:, kafka: or rocketmq:",
+        )
+        .with_context("scheme", scheme)),
+    }
+}
+
+fn feature_for(scheme: &str) -> &'static str {
+    match scheme {
+        "amqp" | "amqps" => "rabbitmq",
+        "kafka" => "kafka",
+        "rocketmq" => "rocketmq",
+        _ => "memory",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unknown_schemes_are_configuration_errors_without_the_url() {
+        let e = connect("nats://user:secret@host")
+            .await
+            .err()
+            .expect("an error");
+        assert_eq!(e.kind(), ErrorKind::Configuration);
+        assert!(!e.to_string().contains("secret"), "{e}");
+    }
+
+    #[cfg(feature = "memory")]
+    #[tokio::test]
+    async fn memory_url_gives_the_memory_broker() {
+        let broker = connect("memory:").await.unwrap();
+        assert_eq!(broker.name(), "memory");
+    }
+}
