@@ -9,6 +9,7 @@ use crate::{Broker, Error, ErrorKind, Result};
 /// | scheme | adapter | cargo feature |
 /// |---|---|---|
 /// | `memory:` | in-process broker | `memory` |
+/// | `kafka://host:port[,host:port]` | Apache Kafka | `kafka` |
 ///
 /// A scheme whose adapter is not compiled in is a configuration error that names the
 /// feature to enable. The URL is never echoed whole in errors, since it may carry
@@ -18,6 +19,10 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Broker>> {
     match scheme {
         #[cfg(feature = "memory")]
         "memory" => Ok(Arc::new(surety_memory::MemoryBroker::new())),
+        #[cfg(feature = "kafka")]
+        "kafka" => Ok(Arc::new(
+            surety_kafka::KafkaBroker::connect(surety_kafka::KafkaConfig::from_url(url)?).await?,
+        )),
         // Reached for the schemes whose feature is off in this build.
         #[allow(unreachable_patterns)]
         known @ ("memory" | "amqp" | "amqps" | "kafka" | "rocketmq") => Err(Error::new(

@@ -11,6 +11,7 @@
 //! | feature | adapter |
 //! |---|---|
 //! | `memory` (default) | [`memory`]: in-process broker, the reference and embedded default |
+//! | `kafka` | `kafka`: Apache Kafka (rdkafka): idempotent confirmed send, transactions, exactly-once read-process-write |
 //!
 //! [`connect`] turns a URL into an `Arc<dyn Broker>`, so an application switches broker by
 //! changing one feature and one URL. The `rabbitmq`, `kafka`, `rocketmq`, `postgres` and
@@ -39,3 +40,7 @@ pub use surety_core::*;
 /// The in-process broker (feature `memory`).
 #[cfg(feature = "memory")]
 pub use surety_memory as memory;
+
+/// The Apache Kafka adapter (feature `kafka`).
+#[cfg(feature = "kafka")]
+pub use surety_kafka as kafka;

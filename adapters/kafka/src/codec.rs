@@ -1,0 +1,203 @@
+//! Surety messages as Kafka records and back.
+//!
+//! Kafka has no message-id slot: the id travels in the `surety-message-id` header and the
+//! creation time in `surety-created-at` (and as the record's CreateTime). The key is the
+//! record key, so the default partitioner puts one key on one partition. Retried messages
+//! carry `surety-attempt` (deliveries before), `surety-retry-at` (when they are due) and
+//! `surety-retry-of` (the topic they came from); those are the adapter's own and are
+//! removed before the handler sees the message.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rdkafka::Message as _;
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use surety_core::{Message, MessageId, headers};
+
+/// When a retried record is due, milliseconds since the Unix epoch.
+pub(crate) const RETRY_AT: &str = "surety-retry-at";
+/// The topic a retried record was first consumed from.
+pub(crate) const RETRY_OF: &str = "surety-retry-of";
+
+/// Kafka headers for `message`: its own headers, then Surety's id and creation time.
+pub(crate) fn record_headers(message: &Message) -> OwnedHeaders {
+    let mut out = OwnedHeaders::new_with_capacity(message.headers().len() + 2);
+    for (name, value) in message.headers() {
+        if name == headers::MESSAGE_ID || name == headers::CREATED_AT {
+            continue;
+        }
+        out = out.insert(Header {
+            key: name,
+            value: Some(value.as_bytes()),
+        });
+    }
+    let created = message.created_at_millis().to_string();
+    out.insert(Header {
+        key: headers::MESSAGE_ID,
+        value: Some(message.id().as_str().as_bytes()),
+    })
+    .insert(Header {
+        key: headers::CREATED_AT,
+        value: Some(created.as_bytes()),
+    })
+}
+
+/// A consumed record, as the handler will see it.
+pub(crate) struct Decoded {
+    /// The message, with the original destination and without the adapter's headers.
+    pub(crate) message: Message,
+    /// Deliveries before this record was written (0 for a first publish).
+    pub(crate) prior_attempts: u32,
+    /// When a retried record may be processed.
+    pub(crate) due: Option<SystemTime>,
+}
+
+pub(crate) fn decode(record: &OwnedMessage) -> Decoded {
+    let payload = record.payload().map(<[u8]>::to_vec).unwrap_or_default();
+    let mut message = Message::new(record.topic(), payload);
+    let mut id = None;
+    let mut created = None;
+    let mut prior_attempts = 0;
+    let mut due = None;
+    if let Some(h) = record.headers() {
+        for header in h.iter() {
+            let Some(value) = header.value.and_then(|v| std::str::from_utf8(v).ok()) else {
+                continue;
+            };
+            match header.key {
+                headers::MESSAGE_ID => id = MessageId::parse(value).ok(),
+                headers::CREATED_AT => created = value.parse::<u64>().ok(),
+                headers::ATTEMPT => prior_attempts = value.parse().unwrap_or(0),
+                RETRY_AT => {
+                    due = value
+                        .parse::<u64>()
+                        .ok()
+                        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+                }
+                RETRY_OF => message = message.with_destination(value),
+                name => message = message.with_header(name, value),
+            }
+        }
+    }
+    let id = id.unwrap_or_else(|| {
+        // A record from a producer that is not Surety: its position is its identity.
+        MessageId::parse(format!(
+            "{}-{}-{}",
+            record.topic(),
+            record.partition(),
+            record.offset()
+        ))
+        .unwrap_or_default()
+    });
+    message = message.with_id(id);
+    if let Some(key) = record.key().and_then(|k| std::str::from_utf8(k).ok()) {
+        message = message.with_key(key);
+    }
+    let created = created
+        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+        .or_else(|| {
+            record
+                .timestamp()
+                .to_millis()
+                .and_then(|ms| u64::try_from(ms).ok())
+                .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+        });
+    if let Some(created) = created {
+        message = message.with_created_at(created);
+    }
+    Decoded {
+        message,
+        prior_attempts,
+        due,
+    }
+}
+
+/// The record that brings `message` back to the retry topic, due at `due`, after
+/// `attempts` deliveries.
+pub(crate) fn retry_message(
+    message: &Message,
+    retry_topic: &str,
+    attempts: u32,
+    due: SystemTime,
+) -> Message {
+    let due_ms = due
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis();
+    message
+        .clone()
+        .with_destination(retry_topic)
+        .with_header(headers::ATTEMPT, attempts.to_string())
+        .with_header(RETRY_AT, due_ms.to_string())
+        .with_header(RETRY_OF, message.destination())
+}
+
+/// The dead letter of `message`: same id and payload, reason and attempts in headers.
+pub(crate) fn dead_letter_message(
+    message: &Message,
+    dead_letter: &str,
+    group: &str,
+    reason: &str,
+    attempts: u32,
+) -> Message {
+    message
+        .clone()
+        .with_destination(dead_letter)
+        .with_header(headers::DEAD_LETTER_REASON, sanitize_header(reason))
+        .with_header(headers::DEAD_LETTER_ATTEMPTS, attempts.to_string())
+        .with_header(headers::ORIGINAL_DESTINATION, message.destination())
+        .with_header(headers::CONSUMER_GROUP, group)
+}
+
+/// Header values carry no control characters; handler errors may.
+fn sanitize_header(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(1024)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::Timestamp;
+
+    fn record(message: &Message, topic: &str) -> OwnedMessage {
+        OwnedMessage::new(
+            Some(message.payload().to_vec()),
+            message.key().map(|k| k.as_bytes().to_vec()),
+            topic.to_owned(),
+            Timestamp::CreateTime(message.created_at_millis() as i64),
+            1,
+            42,
+            Some(record_headers(message)),
+        )
+    }
+
+    #[test]
+    fn round_trip_keeps_id_key_headers_and_time() {
+        let m = Message::new("orders", "x")
+            .with_key("k")
+            .with_header("seq", "7");
+        let d = decode(&record(&m, "orders"));
+        assert_eq!(d.message.id(), m.id());
+        assert_eq!(d.message.key(), Some("k"));
+        assert_eq!(d.message.header("seq"), Some("7"));
+        assert_eq!(d.message.created_at_millis(), m.created_at_millis());
+        assert_eq!(d.message.header(headers::MESSAGE_ID), None);
+        assert_eq!(d.prior_attempts, 0);
+        assert!(d.due.is_none());
+    }
+
+    #[test]
+    fn a_retried_record_names_its_origin_and_attempts() {
+        let m = Message::new("orders", "x");
+        let due = SystemTime::now() + Duration::from_secs(2);
+        let r = retry_message(&m, "orders.g.retry", 2, due);
+        let d = decode(&record(&r, "orders.g.retry"));
+        assert_eq!(d.message.destination(), "orders");
+        assert_eq!(d.message.id(), m.id());
+        assert_eq!(d.prior_attempts, 2);
+        assert!(d.due.is_some());
+        assert_eq!(d.message.header(RETRY_AT), None);
+    }
+}

@@ -1,0 +1,206 @@
+//! Broker transactions: a pool of transactional producers behind
+//! [`surety_core::Broker::begin_transaction`].
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::producer::{FutureProducer, Producer};
+use surety_core::{BrokerTransaction, Error, ErrorKind, Message, Result, telemetry};
+
+use crate::ADAPTER;
+use crate::broker::{Inner, blocking};
+use crate::config::create;
+use crate::error::{TxnClass, classify, delivery_error, transaction_error};
+
+/// Idle transactional producers, each with its own `transactional.id` and
+/// `init_transactions` already done (that call costs a broker round trip or more).
+#[derive(Default)]
+pub(crate) struct TxPool {
+    idle: Mutex<Vec<Arc<FutureProducer>>>,
+}
+
+impl TxPool {
+    fn take(&self) -> Option<Arc<FutureProducer>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    fn put(&self, p: Arc<FutureProducer>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < 8 {
+            idle.push(p);
+        }
+    }
+}
+
+/// Creates a transactional producer with `transactional_id` and runs
+/// `init_transactions` (which also fences any older producer with that id and aborts its
+/// open transaction).
+pub(crate) async fn transactional_producer(
+    inner: &Inner,
+    transactional_id: &str,
+) -> Result<Arc<FutureProducer>> {
+    let config = inner.config.transactional_producer(transactional_id);
+    let producer: Arc<FutureProducer> =
+        Arc::new(create("transactional producer", || config.create())?);
+    let p = producer.clone();
+    let timeout = inner.config.request_timeout;
+    blocking(move || {
+        p.init_transactions(timeout)
+            .map_err(|e| transaction_error("init_transactions", &e))
+    })
+    .await?;
+    Ok(producer)
+}
+
+/// One open Kafka transaction.
+pub(crate) struct KafkaTransaction {
+    inner: Arc<Inner>,
+    producer: Option<Arc<FutureProducer>>,
+}
+
+impl KafkaTransaction {
+    pub(crate) async fn begin(inner: Arc<Inner>) -> Result<Self> {
+        let producer = match inner.tx_pool.take() {
+            Some(p) => p,
+            None => {
+                let id = format!(
+                    "{}-tx-{}",
+                    inner.config.transactional_id_prefix,
+                    uuid::Uuid::now_v7()
+                );
+                transactional_producer(&inner, &id).await?
+            }
+        };
+        let p = producer.clone();
+        blocking(move || {
+            p.begin_transaction()
+                .map_err(|e| transaction_error("begin_transaction", &e))
+        })
+        .await?;
+        Ok(KafkaTransaction {
+            inner,
+            producer: Some(producer),
+        })
+    }
+
+    fn producer(&self) -> Result<&Arc<FutureProducer>> {
+        self.producer.as_ref().ok_or_else(|| {
+            Error::new(ErrorKind::Fatal, "the transaction is already finished")
+                .with_context("adapter", ADAPTER)
+        })
+    }
+
+    async fn finish(mut self, commit: bool) -> Result<()> {
+        let producer = self.producer.take().ok_or_else(|| {
+            Error::new(ErrorKind::Fatal, "the transaction is already finished")
+                .with_context("adapter", ADAPTER)
+        })?;
+        let timeout = self.inner.config.request_timeout;
+        let p = producer.clone();
+        let outcome = blocking(move || Ok(end_transaction(&p, commit, timeout))).await?;
+        match outcome {
+            Ok(()) => {
+                self.inner.tx_pool.put(producer);
+                Ok(())
+            }
+            Err((e, usable)) => {
+                if usable {
+                    self.inner.tx_pool.put(producer);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Commits (retrying retriable errors) or aborts. On failure says whether the producer
+/// can be reused.
+fn end_transaction(
+    p: &FutureProducer,
+    commit: bool,
+    timeout: Duration,
+) -> std::result::Result<(), (Error, bool)> {
+    if commit {
+        let mut tries = 0;
+        loop {
+            match p.commit_transaction(timeout) {
+                Ok(()) => return Ok(()),
+                Err(e) => match classify(&e) {
+                    TxnClass::Retriable if tries < 3 => tries += 1,
+                    TxnClass::AbortRequired => {
+                        let aborted = p.abort_transaction(timeout);
+                        let err = Error::new(
+                            ErrorKind::Rejected,
+                            "the transaction could not commit and was aborted: none of its messages are visible",
+                        )
+                        .with_retryable(true)
+                        .with_context("adapter", ADAPTER)
+                        .with_source(e);
+                        return Err((err, aborted.is_ok()));
+                    }
+                    TxnClass::Fatal => {
+                        return Err((transaction_error("commit_transaction", &e), false));
+                    }
+                    // Timed out or retries used up: whether it committed is unknown, and
+                    // the producer's state with it.
+                    _ => {
+                        return Err((
+                            transaction_error("commit_transaction", &e).with_retryable(false),
+                            false,
+                        ));
+                    }
+                },
+            }
+        }
+    } else {
+        p.abort_transaction(timeout).map_err(|e| {
+            let usable = !matches!(classify(&e), TxnClass::Fatal);
+            (transaction_error("abort_transaction", &e), usable)
+        })
+    }
+}
+
+#[async_trait]
+impl BrokerTransaction for KafkaTransaction {
+    async fn publish(&mut self, message: &Message) -> Result<()> {
+        message.validate(Some(self.inner.config.max_message_size))?;
+        self.inner.check_topic(message.destination()).await?;
+        let producer = self.producer()?.clone();
+        let result = self.inner.send_with(&producer, message).await;
+        telemetry::record_publish(
+            ADAPTER,
+            message.destination(),
+            result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| delivery_error(e, message.destination()).kind()),
+        );
+        result
+            .map(|_| ())
+            .map_err(|e| delivery_error(&e, message.destination()))
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        (*self).finish(true).await
+    }
+
+    async fn abort(self: Box<Self>) -> Result<()> {
+        (*self).finish(false).await
+    }
+}
+
+impl Drop for KafkaTransaction {
+    fn drop(&mut self) {
+        // Dropped without commit or abort: abort off the async runtime; the producer is
+        // not reused (its state is not awaited here).
+        if let Some(p) = self.producer.take() {
+            let timeout = self.inner.config.request_timeout;
+            std::thread::spawn(move || {
+                if let Err(e) = p.abort_transaction(timeout) {
+                    tracing::warn!(error = %e, "aborting a dropped Kafka transaction failed; the broker aborts it after transaction.timeout.ms");
+                }
+            });
+        }
+    }
+}

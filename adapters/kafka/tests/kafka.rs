@@ -1,0 +1,296 @@
+//! The Kafka adapter against the real broker at `SURETY_KAFKA_BOOTSTRAP`
+//! (default 127.0.0.1:9092). The conformance suite covers the shared contracts; these
+//! tests cover what is Kafka's own: transactions and exactly-once read-process-write.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use surety_core::{
+    Broker, Delivery, ErrorKind, Message, MessageId, Outcome, RetryPolicy, Subscription,
+    SubscriptionHandle, Topology, handler_fn,
+};
+use surety_kafka::{ExactlyOnce, KafkaBroker, KafkaConfig, processor_fn};
+
+fn unique(what: &str) -> String {
+    format!("surety-kafka-{what}-{:08x}", rand_u32())
+}
+
+fn rand_u32() -> u32 {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    n ^ (std::process::id() << 16) ^ COUNTER.fetch_add(7919, Ordering::SeqCst) as u32
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(1);
+
+async fn broker() -> KafkaBroker {
+    let config = KafkaConfig::from_env();
+    let servers = config.bootstrap_servers.clone();
+    KafkaBroker::connect(config)
+        .await
+        .unwrap_or_else(|e| panic!("Kafka must be running at {servers} (scripts/brokers up): {e}"))
+}
+
+/// Records every delivery's message, acking all.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<Message>>>);
+
+impl Seen {
+    fn ids(&self) -> Vec<MessageId> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| m.id().clone())
+            .collect()
+    }
+    fn messages(&self) -> Vec<Message> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+async fn read_all(broker: &KafkaBroker, topic: &str, seen: &Seen) -> SubscriptionHandle {
+    let seen = seen.clone();
+    broker
+        .subscriber()
+        .await
+        .unwrap()
+        .subscribe(
+            Subscription::new(topic, unique("reader")),
+            Arc::new(handler_fn(move |d: Delivery| {
+                let seen = seen.clone();
+                async move {
+                    seen.0.lock().unwrap().push(d.message);
+                    Ok(Outcome::Ack)
+                }
+            })),
+        )
+        .await
+        .unwrap()
+}
+
+async fn wait(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn aborted_transactions_are_never_seen_by_a_consumer() {
+    let broker = broker().await;
+    let topic = unique("tx");
+    broker.declare(&Topology::new(&topic)).await.unwrap();
+    let batch = |tag: &str| -> Vec<Message> {
+        (0..5)
+            .map(|i| Message::new(&topic, format!("{tag} {i}")).with_key(format!("k{i}")))
+            .collect()
+    };
+    let (aborted1, committed, aborted2) = (batch("aborted"), batch("committed"), batch("aborted"));
+    for (messages, commit) in [(&aborted1, false), (&committed, true), (&aborted2, false)] {
+        let mut tx = broker.begin_transaction().await.unwrap();
+        for m in messages {
+            tx.publish(m).await.unwrap();
+        }
+        if commit {
+            tx.commit().await.unwrap();
+        } else {
+            tx.abort().await.unwrap();
+        }
+    }
+    // A plain confirmed publish after the aborted transaction: the reader must get past it.
+    let after = Message::new(&topic, "after");
+    broker
+        .publisher()
+        .await
+        .unwrap()
+        .publish(&after)
+        .await
+        .unwrap();
+
+    let seen = Seen::default();
+    let handle = read_all(&broker, &topic, &seen).await;
+    let expected: Vec<MessageId> = committed
+        .iter()
+        .chain(std::iter::once(&after))
+        .map(|m| m.id().clone())
+        .collect();
+    let all = wait(Duration::from_secs(30), || {
+        let ids = seen.ids();
+        expected.iter().all(|id| ids.contains(id))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    handle.shutdown().await;
+    assert!(all, "committed messages missing: saw {:?}", seen.ids());
+    let ids = seen.ids();
+    let leaked: Vec<_> = aborted1
+        .iter()
+        .chain(&aborted2)
+        .filter(|m| ids.contains(m.id()))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "aborted messages were delivered: {leaked:?}"
+    );
+    assert_eq!(ids.len(), expected.len(), "duplicates: {ids:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_process_write_killed_mid_stream_is_exactly_once() {
+    let broker = broker().await;
+    let (input, output, group) = (unique("in"), unique("out"), unique("eos"));
+    broker
+        .declare(&Topology::new(&input).group(&group))
+        .await
+        .unwrap();
+    broker.declare(&Topology::new(&output)).await.unwrap();
+    let n = 120;
+    let inputs: Vec<Message> = (0..n)
+        .map(|i| Message::new(&input, format!("{i}")).with_key(format!("k{}", i % 7)))
+        .collect();
+    for r in broker
+        .publisher()
+        .await
+        .unwrap()
+        .publish_batch(&inputs)
+        .await
+    {
+        r.unwrap();
+    }
+
+    let processed = Arc::new(AtomicUsize::new(0));
+    let spec = ExactlyOnce::new(&input, &group).max_batch(10).retry(
+        RetryPolicy::with_max_attempts(3)
+            .backoff(Duration::from_millis(10), Duration::from_millis(50)),
+    );
+    // `stall_at`: the processor stalls on that input, so the kill lands inside an open
+    // transaction with outputs already sent into it.
+    let start = |processed: Arc<AtomicUsize>, stall_at: Option<usize>| {
+        let output = output.clone();
+        Arc::new(processor_fn(move |d: Delivery| {
+            let (output, processed) = (output.clone(), processed.clone());
+            async move {
+                let nth = processed.fetch_add(1, Ordering::SeqCst) + 1;
+                if Some(nth) == stall_at {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let body = format!("processed {}", String::from_utf8_lossy(d.message.payload()));
+                Ok(vec![
+                    Message::new(&output, body)
+                        .with_header("input-id", d.message.id().as_str())
+                        .with_key(d.message.key().unwrap_or("none")),
+                ])
+            }
+        }))
+    };
+
+    // First run: killed (aborted like a crash) mid-stream, inside a transaction.
+    let first = broker
+        .exactly_once(spec.clone(), start(processed.clone(), Some(45)))
+        .await
+        .unwrap();
+    let got_going = wait(Duration::from_secs(30), || {
+        processed.load(Ordering::SeqCst) >= 45
+    })
+    .await;
+    assert!(got_going, "the processor never got going");
+    first.abort();
+    let at_kill = processed.load(Ordering::SeqCst);
+
+    // Restart with the same group and transactional id: it fences the dead one.
+    let again = Arc::new(AtomicUsize::new(0));
+    let second = broker
+        .exactly_once(spec, start(again.clone(), None))
+        .await
+        .unwrap();
+
+    let seen = Seen::default();
+    let reader = read_all(&broker, &output, &seen).await;
+    let complete = wait(Duration::from_secs(60), || {
+        let per: HashMap<String, usize> = count(&seen);
+        per.len() >= n
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    second.shutdown().await;
+    reader.shutdown().await;
+    let per = count(&seen);
+    assert!(
+        complete,
+        "only {} of {n} inputs reached the output (processed {at_kill} before the kill, {} after)",
+        per.len(),
+        again.load(Ordering::SeqCst)
+    );
+    let twice: Vec<_> = per.iter().filter(|(_, c)| **c != 1).collect();
+    assert!(
+        twice.is_empty(),
+        "inputs reflected more than once: {twice:?}"
+    );
+    for m in &inputs {
+        assert_eq!(
+            per.get(m.id().as_str()),
+            Some(&1),
+            "input {} missing",
+            m.id()
+        );
+    }
+    assert!(
+        at_kill + again.load(Ordering::SeqCst) > n,
+        "the kill should have forced some inputs to be processed twice (and written once)"
+    );
+}
+
+fn count(seen: &Seen) -> HashMap<String, usize> {
+    let mut per = HashMap::new();
+    for m in seen.messages() {
+        *per.entry(m.header("input-id").unwrap_or_default().to_owned())
+            .or_default() += 1;
+    }
+    per
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undeclared_topics_are_unroutable_and_not_created() {
+    let broker = broker().await;
+    let topic = unique("nowhere");
+    let publisher = broker.publisher().await.unwrap();
+    let started = Instant::now();
+    let e = publisher
+        .publish(&Message::new(&topic, "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unroutable, "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    // The check did not auto-create it (the broker allows auto-creation).
+    let e = publisher
+        .publish(&Message::new(&topic, "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unroutable, "{e}");
+    // Declaring makes it routable at once.
+    broker.declare(&Topology::new(&topic)).await.unwrap();
+    publisher.publish(&Message::new(&topic, "x")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_cluster_is_a_clear_error() {
+    let mut config = KafkaConfig::new("127.0.0.1:1");
+    config.request_timeout = Duration::from_secs(2);
+    let e = KafkaBroker::connect(config).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert!(e.to_string().contains("127.0.0.1:1"), "{e}");
+}
