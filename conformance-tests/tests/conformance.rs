@@ -45,7 +45,18 @@ fn fixture(adapter: &str) -> Result<Fixture, String> {
             // extra deliveries without letting retry cases run out their attempts.
             Ok(Fixture::new(Arc::new(broker)).quiet_period(Duration::from_secs(1)))
         }
-        "rabbitmq" | "rocketmq" => Err(format!(
+        "rabbitmq" => {
+            let config = surety_rabbitmq::RabbitConfig::from_env()
+                .map_err(|e| format!("SURETY_RABBITMQ_URL: {e}"))?;
+            let url = config.redacted_url();
+            let broker = RUNTIME
+                .block_on(surety_rabbitmq::RabbitBroker::connect(config))
+                .map_err(|e| format!("cannot reach RabbitMQ at {url}: {e}"))?;
+            // A consumer starts in milliseconds and retries in these cases wait at most
+            // 300 ms in a delay queue: a second of quiet catches late or extra deliveries.
+            Ok(Fixture::new(Arc::new(broker)).quiet_period(Duration::from_secs(1)))
+        }
+        "rocketmq" => Err(format!(
             "the {adapter} adapter is not built yet (see the open issues)"
         )),
         other => Err(format!(

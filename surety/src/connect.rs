@@ -9,6 +9,7 @@ use crate::{Broker, Error, ErrorKind, Result};
 /// | scheme | adapter | cargo feature |
 /// |---|---|---|
 /// | `memory:` | in-process broker | `memory` |
+/// | `amqp://user:pass@host:port/vhost`, `amqps://...` | RabbitMQ | `rabbitmq` |
 /// | `kafka://host:port[,host:port]` | Apache Kafka | `kafka` |
 ///
 /// A scheme whose adapter is not compiled in is a configuration error that names the
@@ -19,6 +20,11 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Broker>> {
     match scheme {
         #[cfg(feature = "memory")]
         "memory" => Ok(Arc::new(surety_memory::MemoryBroker::new())),
+        #[cfg(feature = "rabbitmq")]
+        "amqp" | "amqps" => Ok(Arc::new(
+            surety_rabbitmq::RabbitBroker::connect(surety_rabbitmq::RabbitConfig::from_url(url)?)
+                .await?,
+        )),
         #[cfg(feature = "kafka")]
         "kafka" => Ok(Arc::new(
             surety_kafka::KafkaBroker::connect(surety_kafka::KafkaConfig::from_url(url)?).await?,

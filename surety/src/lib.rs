@@ -11,6 +11,7 @@
 //! | feature | adapter |
 //! |---|---|
 //! | `memory` (default) | [`memory`]: in-process broker, the reference and embedded default |
+//! | `rabbitmq` | `rabbitmq`: RabbitMQ (lapin): confirmed mandatory publish, tx, delay-queue retries, dead letters, reconnecting consumers |
 //! | `kafka` | `kafka`: Apache Kafka (rdkafka): idempotent confirmed send, transactions, exactly-once read-process-write |
 //!
 //! [`connect`] turns a URL into an `Arc<dyn Broker>`, so an application switches broker by
@@ -40,6 +41,10 @@ pub use surety_core::*;
 /// The in-process broker (feature `memory`).
 #[cfg(feature = "memory")]
 pub use surety_memory as memory;
+
+/// The RabbitMQ adapter (feature `rabbitmq`).
+#[cfg(feature = "rabbitmq")]
+pub use surety_rabbitmq as rabbitmq;
 
 /// The Apache Kafka adapter (feature `kafka`).
 #[cfg(feature = "kafka")]
