@@ -9,7 +9,11 @@ use std::time::Duration;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use surety_conformance::{CASES, Fixture, Report, Verdict};
+use surety_core::Broker;
 use surety_memory::{MemoryBroker, MemoryConfig};
+use surety_sql::{
+    CheckerConfig, RelayConfig, SqlStore, StoreConfig, TableNames, WithSqlHalfMessages,
+};
 
 static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
     tokio::runtime::Builder::new_multi_thread()
@@ -21,6 +25,37 @@ static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
 static REPORT: LazyLock<Report> = LazyLock::new(Report::default);
 
 const KNOWN: &[&str] = &["memory", "rabbitmq", "kafka", "rocketmq"];
+
+/// RabbitMQ and Kafka have no half messages of their own: `send_in_transaction` comes
+/// from the prepared-message store of `surety-sql` on the test PostgreSQL, the way an
+/// application gets it. Every other operation goes straight to the adapter.
+fn with_sql_half_messages(broker: Arc<dyn Broker>) -> Result<Arc<dyn Broker>, String> {
+    let url = std::env::var("SURETY_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://surety:surety@127.0.0.1:5432/surety".into());
+    let store = RUNTIME
+        .block_on(SqlStore::connect(
+            &url,
+            StoreConfig::default().tables(TableNames::prefixed("conformance")),
+        ))
+        .map_err(|e| format!("cannot reach PostgreSQL (SURETY_POSTGRES_URL): {e}"))?;
+    RUNTIME
+        .block_on(store.migrate())
+        .map_err(|e| format!("cannot migrate the prepared-message store: {e}"))?;
+    // Short check and poll intervals so that check-back cases finish in seconds.
+    let checker = CheckerConfig {
+        check_timeout: Duration::from_secs(2),
+        check_interval: Duration::from_millis(500),
+        poll_interval: Duration::from_millis(200),
+        ..CheckerConfig::default()
+    };
+    let relay = RelayConfig {
+        poll_interval: Duration::from_millis(100),
+        ..RelayConfig::default()
+    };
+    Ok(Arc::new(WithSqlHalfMessages::new(
+        broker, store, checker, relay,
+    )))
+}
 
 /// Builds the fixture of one adapter, or says why it cannot run.
 fn fixture(adapter: &str) -> Result<Fixture, String> {
@@ -43,7 +78,9 @@ fn fixture(adapter: &str) -> Result<Fixture, String> {
                 .map_err(|e| format!("cannot reach Kafka at {servers}: {e}"))?;
             // A consumer group join takes a moment; a second of quiet catches late or
             // extra deliveries without letting retry cases run out their attempts.
-            Ok(Fixture::new(Arc::new(broker)).quiet_period(Duration::from_secs(1)))
+            Ok(Fixture::new(with_sql_half_messages(Arc::new(broker))?)
+                .quiet_period(Duration::from_secs(1))
+                .check_back_timeout(Duration::from_secs(30)))
         }
         "rabbitmq" => {
             let config = surety_rabbitmq::RabbitConfig::from_env()
@@ -54,11 +91,23 @@ fn fixture(adapter: &str) -> Result<Fixture, String> {
                 .map_err(|e| format!("cannot reach RabbitMQ at {url}: {e}"))?;
             // A consumer starts in milliseconds and retries in these cases wait at most
             // 300 ms in a delay queue: a second of quiet catches late or extra deliveries.
-            Ok(Fixture::new(Arc::new(broker)).quiet_period(Duration::from_secs(1)))
+            Ok(Fixture::new(with_sql_half_messages(Arc::new(broker))?)
+                .quiet_period(Duration::from_secs(1))
+                .check_back_timeout(Duration::from_secs(30)))
         }
-        "rocketmq" => Err(format!(
-            "the {adapter} adapter is not built yet (see the open issues)"
-        )),
+        "rocketmq" => {
+            let config = surety_rocketmq::RocketMqConfig::from_env();
+            let namesrv = config.namesrv.clone();
+            let broker = RUNTIME
+                .block_on(surety_rocketmq::RocketMqBroker::connect(config))
+                .map_err(|e| format!("cannot reach RocketMQ at {namesrv}: {e}"))?;
+            // Consumers start and rebalance in about a second; the broker checks half
+            // messages every 3 s after 3 s (transactionCheckInterval, transactionTimeOut),
+            // so a check-back resolves in 5-10 s.
+            Ok(Fixture::new(Arc::new(broker))
+                .quiet_period(Duration::from_secs(2))
+                .check_back_timeout(Duration::from_secs(40)))
+        }
         other => Err(format!(
             "unknown adapter {other:?}; expected one of {}",
             KNOWN.join(", ")

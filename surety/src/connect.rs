@@ -11,6 +11,7 @@ use crate::{Broker, Error, ErrorKind, Result};
 /// | `memory:` | in-process broker | `memory` |
 /// | `amqp://user:pass@host:port/vhost`, `amqps://...` | RabbitMQ | `rabbitmq` |
 /// | `kafka://host:port[,host:port]` | Apache Kafka | `kafka` |
+/// | `rocketmq://host:port[;host:port][?access_key=..&secret_key=..]` | Apache RocketMQ (name servers) | `rocketmq` |
 ///
 /// A scheme whose adapter is not compiled in is a configuration error that names the
 /// feature to enable. The URL is never echoed whole in errors, since it may carry
@@ -28,6 +29,13 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Broker>> {
         #[cfg(feature = "kafka")]
         "kafka" => Ok(Arc::new(
             surety_kafka::KafkaBroker::connect(surety_kafka::KafkaConfig::from_url(url)?).await?,
+        )),
+        #[cfg(feature = "rocketmq")]
+        "rocketmq" => Ok(Arc::new(
+            surety_rocketmq::RocketMqBroker::connect(surety_rocketmq::RocketMqConfig::from_url(
+                url,
+            )?)
+            .await?,
         )),
         // Reached for the schemes whose feature is off in this build.
         #[allow(unreachable_patterns)]

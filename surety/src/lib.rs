@@ -13,11 +13,12 @@
 //! | `memory` (default) | [`memory`]: in-process broker, the reference and embedded default |
 //! | `rabbitmq` | `rabbitmq`: RabbitMQ (lapin): confirmed mandatory publish, tx, delay-queue retries, dead letters, reconnecting consumers |
 //! | `kafka` | `kafka`: Apache Kafka (rdkafka): idempotent confirmed send, transactions, exactly-once read-process-write |
+//! | `rocketmq` | `rocketmq`: Apache RocketMQ (rocketmq-client-rust): honest send status, native half messages with check-back, retry and dead letters |
+//! | `sql` | `sql`: outbox + relay, idempotent inbox, prepared-message store (half messages for any broker), on PostgreSQL and SQLite |
 //!
 //! [`connect`] turns a URL into an `Arc<dyn Broker>`, so an application switches broker by
-//! changing one feature and one URL. The `rabbitmq`, `kafka`, `rocketmq`, `postgres` and
-//! `sqlite` features arrive with their adapters. Libraries should depend on `surety-core` alone; applications pick the
-//! broker here.
+//! changing one feature and one URL. Libraries should depend on `surety-core` alone;
+//! applications pick the broker here.
 //!
 //! ```
 //! # #[cfg(feature = "memory")]
@@ -49,3 +50,11 @@ pub use surety_rabbitmq as rabbitmq;
 /// The Apache Kafka adapter (feature `kafka`).
 #[cfg(feature = "kafka")]
 pub use surety_kafka as kafka;
+
+/// The Apache RocketMQ adapter (feature `rocketmq`).
+#[cfg(feature = "rocketmq")]
+pub use surety_rocketmq as rocketmq;
+
+/// The local message table: outbox, relay, inbox, prepared messages (feature `sql`).
+#[cfg(feature = "sql")]
+pub use surety_sql as sql;

@@ -1,0 +1,391 @@
+//! Push consumers with ack after process.
+//!
+//! The client's listeners are synchronous and run on its blocking lane. Each delivery is
+//! handed to an async task on the application's runtime (`run_handler` + `decide`), and
+//! the lane thread waits for its verdict: the runtime never blocks, and a task that is
+//! aborted or panics closes the channel, which is a `ReconsumeLater`, never a success.
+//!
+//! Dispositions:
+//! - `Ack` → `CONSUME_SUCCESS`.
+//! - `Redeliver` → a copy goes to `%RETRY%<group>` with a delay level (the smallest level
+//!   not shorter than the asked delay; delays under the shortest level, 1 s, are waited
+//!   out before requeueing) and the next attempt number in `surety-attempt`,
+//!   confirmed, then the original is acked. The client's listener cannot set
+//!   `delayLevelWhenNextConsume` (its context is passed by shared reference), and the
+//!   broker's default delays (10 s, 30 s, 1 min...) would ignore the policy; see
+//!   `docs/rocketmq-interop.md`. If the copy cannot be sent, `RECONSUME_LATER` (the
+//!   broker's own send-back) keeps the message.
+//! - `DeadLetter` → Surety publishes the message to the dead-letter destination
+//!   (`%DLQ%<group>` by default) with reason, attempts, origin and group headers, then
+//!   acks. If that fails the message is kept and redelivered after the longest backoff.
+//! - Orderly subscriptions (`ordered`) use the client's orderly consumer (queue locks on
+//!   the broker, one message of a queue at a time); a retry suspends the queue for the
+//!   delay, which holds back later messages of the key.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rocketmq_client_rust::{
+    ClientResult, ConsumeConcurrentlyContext, ConsumeConcurrentlyStatus, ConsumeOrderlyContext,
+    ConsumeOrderlyStatus, DefaultMQPushConsumer, MQPushConsumer, MessageListenerConcurrently,
+    MessageListenerOrderly,
+};
+use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
+use rocketmq_model::common::message::message_ext::MessageExt;
+use surety_core::{
+    Delivery, Disposition, Error, ErrorKind, Handler, Message, Result, Subscriber, Subscription,
+    SubscriptionHandle, decide, headers, run_handler, telemetry,
+};
+use tokio::sync::oneshot;
+use tokio::task::AbortHandle;
+
+use crate::ADAPTER;
+use crate::broker::{RocketMqPublisher, Shared};
+use crate::codec::{self, DELAY_PROPERTY, DLQ_PREFIX, RETRY_PREFIX, RETRY_TOPIC_PROPERTY};
+use crate::error::admin_error;
+
+/// How many broker-side reconsumes beyond the policy are allowed before the broker moves
+/// a message to `%DLQ%<group>` on its own. Surety dead-letters itself at `max_attempts`;
+/// this backstop only applies when Surety could neither dead-letter nor requeue.
+const BROKER_BACKSTOP: u32 = 16;
+
+/// Starts push consumers on the broker.
+pub struct RocketMqSubscriber {
+    shared: Arc<Shared>,
+    publisher: Arc<RocketMqPublisher>,
+}
+
+impl RocketMqSubscriber {
+    pub(crate) fn new(shared: Arc<Shared>, publisher: Arc<RocketMqPublisher>) -> Self {
+        RocketMqSubscriber { shared, publisher }
+    }
+}
+
+/// What the listener tells the client.
+#[derive(Clone, Copy, Debug)]
+enum Verdict {
+    Success,
+    Later(Duration),
+}
+
+struct Runner {
+    publisher: Arc<RocketMqPublisher>,
+    handler: Arc<dyn Handler>,
+    sub: Subscription,
+    app: tokio::runtime::Handle,
+    /// Set when the subscription stops: new deliveries are given back, not handled.
+    stopped: AtomicBool,
+    inflight: Mutex<HashMap<u64, AbortHandle>>,
+    seq: AtomicU64,
+}
+
+impl Runner {
+    /// Called on the client's blocking lane: hand the delivery to the runtime and wait.
+    fn consume_blocking(self: &Arc<Self>, msg: &MessageExt, ordered: bool) -> Verdict {
+        let fallback = Verdict::Later(self.sub.retry.max_backoff);
+        if self.stopped.load(Ordering::SeqCst) {
+            return fallback;
+        }
+        let (tx, rx) = oneshot::channel();
+        let id = self.seq.fetch_add(1, Ordering::Relaxed);
+        let runner = self.clone();
+        let msg = msg.clone();
+        let task = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.app.spawn(async move {
+                let verdict = runner.process(&msg, ordered).await;
+                let _ = tx.send(verdict);
+            })
+        }));
+        let Ok(task) = task else {
+            // The application's runtime is gone.
+            return fallback;
+        };
+        self.inflight
+            .lock()
+            .unwrap()
+            .insert(id, task.abort_handle());
+        let verdict = rx.blocking_recv().unwrap_or(fallback);
+        self.inflight.lock().unwrap().remove(&id);
+        verdict
+    }
+
+    async fn process(&self, msg: &MessageExt, ordered: bool) -> Verdict {
+        let group = self.sub.group.clone();
+        let (message, attempt) = match codec::decode(msg) {
+            Ok(decoded) => decoded,
+            Err(e) => {
+                // Not a message Surety can hand to a handler: dead-letter it as it is.
+                let raw = Message::new(msg.topic().to_string(), msg.body().unwrap_or_default());
+                let reason = format!("undecodable message: {}", e.message());
+                return self.settle_dead_letter(&raw, &reason, 1, ordered).await;
+            }
+        };
+        let delivery = Delivery {
+            message,
+            attempt,
+            group: group.clone(),
+        };
+        let result = run_handler(self.handler.as_ref(), &delivery).await;
+        let disposition = decide(&result, attempt, &self.sub.retry);
+        telemetry::record_settled(ADAPTER, &group, &disposition);
+        match disposition {
+            Disposition::Ack => Verdict::Success,
+            Disposition::Redeliver {
+                after,
+                next_attempt,
+            } => {
+                if ordered {
+                    Verdict::Later(after)
+                } else {
+                    self.requeue(&delivery.message, after, next_attempt).await
+                }
+            }
+            Disposition::DeadLetter { reason, attempts } => {
+                self.settle_dead_letter(&delivery.message, &reason, attempts, ordered)
+                    .await
+            }
+        }
+    }
+
+    async fn settle_dead_letter(
+        &self,
+        message: &Message,
+        reason: &str,
+        attempts: u32,
+        ordered: bool,
+    ) -> Verdict {
+        match self.dead_letter(message, reason, attempts).await {
+            Ok(()) => Verdict::Success,
+            Err(e) => {
+                metrics_dead_letter_failed(&self.sub.group);
+                tracing::warn!(
+                    message_id = %message.id(),
+                    error = %e,
+                    "dead letter failed; keeping the message and retrying after the longest backoff"
+                );
+                let after = self.sub.retry.max_backoff;
+                if ordered {
+                    Verdict::Later(after)
+                } else {
+                    self.requeue(message, after, attempts.saturating_add(1))
+                        .await
+                }
+            }
+        }
+    }
+
+    /// Sends a copy to the group's retry topic, delayed, carrying the next attempt number.
+    async fn requeue(&self, message: &Message, after: Duration, next_attempt: u32) -> Verdict {
+        let retry_topic = format!("{RETRY_PREFIX}{}", self.sub.group);
+        let mut extra = vec![
+            (RETRY_TOPIC_PROPERTY, message.destination().to_owned()),
+            (headers::ATTEMPT, next_attempt.to_string()),
+        ];
+        if after < codec::SHORTEST_DELAY_LEVEL {
+            // Shorter than the broker's shortest delay level (1 s): wait here, holding the
+            // unacked original, then requeue for immediate delivery.
+            tokio::time::sleep(after).await;
+        } else {
+            extra.push((DELAY_PROPERTY, codec::delay_level(after).to_string()));
+        }
+        match self
+            .publisher
+            .publish_to(message, &retry_topic, &extra)
+            .await
+        {
+            Ok(_) => Verdict::Success,
+            Err(e) => {
+                tracing::warn!(
+                    message_id = %message.id(),
+                    error = %e,
+                    "could not requeue for retry; leaving it to the broker's send-back"
+                );
+                Verdict::Later(after)
+            }
+        }
+    }
+
+    async fn dead_letter(&self, message: &Message, reason: &str, attempts: u32) -> Result<()> {
+        let target = self
+            .sub
+            .dead_letter
+            .clone()
+            .unwrap_or_else(|| format!("{DLQ_PREFIX}{}", self.sub.group));
+        let dead = message
+            .clone()
+            .with_destination(&target)
+            .with_header(headers::DEAD_LETTER_REASON, sanitize(reason))
+            .with_header(headers::DEAD_LETTER_ATTEMPTS, attempts.to_string())
+            .with_header(headers::ORIGINAL_DESTINATION, message.destination())
+            .with_header(headers::CONSUMER_GROUP, &self.sub.group);
+        self.publisher
+            .publish_to(&dead, &target, &[])
+            .await
+            .map(|_| ())
+    }
+
+    fn abort_inflight(&self) {
+        for (_, task) in self.inflight.lock().unwrap().drain() {
+            task.abort();
+        }
+    }
+}
+
+fn metrics_dead_letter_failed(group: &str) {
+    tracing::debug!(
+        group,
+        metric = telemetry::DEAD_LETTER_FAILED,
+        "dead letter failed"
+    );
+}
+
+/// Header values carry no control characters; handler errors may.
+fn sanitize(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(1024)
+        .collect()
+}
+
+struct Concurrent(Arc<Runner>);
+
+impl MessageListenerConcurrently for Concurrent {
+    fn consume_message(
+        &self,
+        msgs: &[&MessageExt],
+        _context: &ConsumeConcurrentlyContext,
+    ) -> ClientResult<ConsumeConcurrentlyStatus> {
+        // Batch size is 1; with more, any failure gives the whole batch back.
+        let mut status = ConsumeConcurrentlyStatus::ConsumeSuccess;
+        for msg in msgs {
+            if let Verdict::Later(_) = self.0.consume_blocking(msg, false) {
+                status = ConsumeConcurrentlyStatus::ReconsumeLater;
+            }
+        }
+        Ok(status)
+    }
+}
+
+struct Orderly(Arc<Runner>);
+
+impl MessageListenerOrderly for Orderly {
+    fn consume_message(
+        &self,
+        msgs: &[&MessageExt],
+        context: &mut ConsumeOrderlyContext,
+    ) -> ClientResult<ConsumeOrderlyStatus> {
+        for msg in msgs {
+            if let Verdict::Later(after) = self.0.consume_blocking(msg, true) {
+                context.set_suspend_current_queue_time_millis(after.as_millis().max(10) as i64);
+                return Ok(ConsumeOrderlyStatus::SuspendCurrentQueueAMoment);
+            }
+        }
+        Ok(ConsumeOrderlyStatus::Success)
+    }
+}
+
+/// Owns the client consumer for the subscription's lifetime. Dropped without a graceful
+/// stop (the task was aborted: a crash), it gives in-flight messages back to the broker
+/// and shuts the consumer down so that the group rebalances to live consumers.
+struct Guard {
+    consumer: Option<DefaultMQPushConsumer>,
+    runner: Arc<Runner>,
+    host: tokio::runtime::Handle,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(mut consumer) = self.consumer.take() {
+            self.runner.stopped.store(true, Ordering::SeqCst);
+            self.runner.abort_inflight();
+            self.host.spawn(async move {
+                // Let the client send the given-back messages to the broker first.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                consumer.shutdown().await;
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl Subscriber for RocketMqSubscriber {
+    async fn subscribe(
+        &self,
+        subscription: Subscription,
+        handler: Arc<dyn Handler>,
+    ) -> Result<SubscriptionHandle> {
+        codec::validate_topic(&subscription.destination)?;
+        codec::validate_topic(&subscription.group).map_err(|e| {
+            Error::new(
+                ErrorKind::Configuration,
+                format!("consumer group: {}", e.message()),
+            )
+        })?;
+        let shared = &self.shared;
+        let ordered = subscription.ordered;
+        let concurrency = subscription.concurrency.max(1) as u32;
+        let max_reconsume = subscription
+            .retry
+            .max_attempts
+            .saturating_add(BROKER_BACKSTOP);
+        let runner = Arc::new(Runner {
+            publisher: self.publisher.clone(),
+            handler,
+            sub: subscription.clone(),
+            app: tokio::runtime::Handle::current(),
+            stopped: AtomicBool::new(false),
+            inflight: Mutex::new(HashMap::new()),
+            seq: AtomicU64::new(0),
+        });
+        let mut builder = DefaultMQPushConsumer::builder(shared.host.runtime.clone())
+            .client_config(shared.client_config("consumer"))
+            .name_server_addr(shared.config.namesrv.as_str())
+            .consumer_group(subscription.group.as_str())
+            // A group declared before publishing sees every message since its topic
+            // was created, even when its first consumer starts later.
+            .consume_from_where(ConsumeFromWhere::ConsumeFromFirstOffset)
+            .consume_thread_min(concurrency)
+            .consume_thread_max(concurrency)
+            .consume_message_batch_max_size(1)
+            .max_reconsume_times(max_reconsume.min(i32::MAX as u32) as i32)
+            .consume_timeout(shared.config.handler_timeout.as_secs().div_ceil(60).max(1))
+            .await_termination_millis_when_shutdown(30_000);
+        if let Some(hook) = shared.rpc_hook() {
+            builder = builder.rpc_hook(Some(hook));
+        }
+        let mut consumer = builder.build();
+        consumer
+            .subscribe(subscription.destination.as_str(), "*")
+            .await
+            .map_err(|e| admin_error(&e, "subscribe"))?;
+        if ordered {
+            consumer.register_message_listener_orderly(Orderly(runner.clone()));
+        } else {
+            consumer.register_message_listener_concurrently(Concurrent(runner.clone()));
+        }
+        consumer.start().await.map_err(|e| {
+            admin_error(&e, "consumer start").with_context("group", subscription.group.clone())
+        })?;
+        let mut guard = Guard {
+            consumer: Some(consumer),
+            runner,
+            host: shared.host.handle.clone(),
+        };
+        let (stop, mut stopped) = SubscriptionHandle::stop_signal();
+        let task = tokio::spawn(async move {
+            while !*stopped.borrow() {
+                if stopped.changed().await.is_err() {
+                    break;
+                }
+            }
+            guard.runner.stopped.store(true, Ordering::SeqCst);
+            if let Some(mut consumer) = guard.consumer.take() {
+                let _ = tokio::time::timeout(Duration::from_secs(40), consumer.shutdown()).await;
+            }
+        });
+        Ok(SubscriptionHandle::new(stop, vec![task]))
+    }
+}

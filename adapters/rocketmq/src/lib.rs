@@ -1,0 +1,52 @@
+//! Apache RocketMQ adapter of Surety, on `rocketmq-client-rust` 1.0 (the remoting
+//! protocol: name server and broker, no proxy).
+//!
+//! | Surety | RocketMQ |
+//! |---|---|
+//! | `publish` | sync send; only `SEND_OK` is a [`surety_core::Receipt`]. `FLUSH_DISK_TIMEOUT`, `FLUSH_SLAVE_TIMEOUT`, `SLAVE_NOT_AVAILABLE` are [`surety_core::ErrorKind::NotDurable`] (retryable); retries bounded by [`RocketMqConfig::publish_retry`] (the client's own retries are off) |
+//! | `publish_oneway` | oneway send: **at-most-once** |
+//! | async mode | [`RocketMqPublisher::publish_with_callback`] |
+//! | unroutable destination | the name server has no route for the topic (checked before sending, because a broker with `autoCreateTopicEnable=true` would create it) |
+//! | `declare` | topics created on every master with the admin API; per group `%RETRY%<group>` and `%DLQ%<group>` (readable) |
+//! | `send_in_transaction` | half message, the caller's async local transaction, then commit / rollback (`TransactionMQProducer`) |
+//! | `CheckBack` | the broker's check-back to any live producer of the group; `Unknown` leaves it to the next check until the broker's check limit |
+//! | consumer group | push consumer (clustering), one client instance per consumer |
+//! | ack after process | `CONSUME_SUCCESS` only after the handler's outcome is settled |
+//! | retry with delay | a copy in `%RETRY%<group>` with a delay level (rounded up) and `surety-attempt` |
+//! | dead letter | Surety publishes to `%DLQ%<group>` (or the subscription's destination) with `surety-dead-letter-*` headers, then acks |
+//! | per-key ordering | queue chosen by key hash; orderly consumer when `Subscription::ordered` |
+//! | ACL | `AclClientRPCHook` from access key and secret key; the secret is never logged |
+//!
+//! Why some of this is done by the adapter rather than the client: `docs/rocketmq-interop.md`.
+
+#![recursion_limit = "512"]
+
+mod broker;
+mod codec;
+mod config;
+mod consumer;
+mod error;
+mod host;
+mod transaction;
+
+pub use broker::{RocketMqBroker, RocketMqPublisher};
+pub use config::{ACCESS_KEY_ENV, NAMESRV_ENV, RocketMqConfig, SECRET_KEY_ENV};
+pub use consumer::RocketMqSubscriber;
+pub use transaction::RocketMqTransactionalPublisher;
+
+use surety_core::{Capabilities, Capability};
+
+/// The adapter's name.
+pub const ADAPTER: &str = "rocketmq";
+
+/// What this adapter offers.
+pub(crate) fn capabilities(max_message_size: usize) -> Capabilities {
+    Capabilities::none()
+        .with(Capability::OnewayPublish)
+        .with(Capability::HalfMessages)
+        .with(Capability::NativeHalfMessages)
+        .with(Capability::OrderingPerKey)
+        .with(Capability::DelayedRetry)
+        .with(Capability::DeadLetter)
+        .with_max_message_size(max_message_size)
+}

@@ -1,0 +1,317 @@
+//! Adapter-specific behaviour against the real RocketMQ (name server from
+//! `SURETY_ROCKETMQ_NAMESRV`, default 127.0.0.1:9876). The shared behaviour is in the
+//! conformance suite (`SURETY_ADAPTERS=rocketmq cargo test -p surety-conformance`).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use surety_core::{
+    Broker, ErrorKind, Message, MessageId, Outcome, Subscription, Topology, TxState, check_back_fn,
+    handler_fn,
+};
+use surety_rocketmq::{RocketMqBroker, RocketMqConfig};
+
+fn name(what: &str) -> String {
+    format!("surety-rmq-{what}-{:08x}", rand_u32())
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::Instant::now()) as u32
+}
+
+async fn broker() -> RocketMqBroker {
+    let config = RocketMqConfig::from_env();
+    let namesrv = config.namesrv.clone();
+    match RocketMqBroker::connect(config).await {
+        Ok(b) => b,
+        Err(e) => {
+            panic!("RocketMQ is not reachable at {namesrv} (start it with scripts/brokers up): {e}")
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn undeclared_topic_is_unroutable_and_not_auto_created() {
+    let broker = broker().await;
+    let publisher = broker.publisher().await.unwrap();
+    let topic = name("undeclared");
+    for _ in 0..2 {
+        // Twice: the first attempt must not have created the topic on the way.
+        let e = publisher
+            .publish(&Message::new(&topic, "x"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unroutable, "{e}");
+        assert!(!e.is_retryable());
+    }
+    let e = publisher
+        .publish_oneway(&Message::new(&topic, "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unroutable, "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn topic_names_with_dots_are_invalid() {
+    let broker = broker().await;
+    let publisher = broker.publisher().await.unwrap();
+    let e = publisher
+        .publish(&Message::new("orders.v1", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidMessage, "{e}");
+    let e = publisher
+        .publish(&Message::new(name("t"), "x").with_header("KEYS", "reserved"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidMessage, "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn callback_mode_reports_the_confirm_and_the_message_arrives() {
+    let broker = broker().await;
+    let topic = name("callback");
+    let group = name("g");
+    broker
+        .declare(&Topology::new(&topic).group(&group))
+        .await
+        .unwrap();
+    let message = Message::new(&topic, "async")
+        .with_key("k")
+        .with_header("h", "v");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    broker
+        .rocketmq_publisher()
+        .publish_with_callback(&message, move |r| {
+            let _ = tx.send(r);
+        })
+        .await
+        .unwrap();
+    let receipt = tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("callback within 10 s")
+        .expect("callback called")
+        .expect("confirmed");
+    assert_eq!(&receipt.message_id, message.id());
+
+    let seen: Arc<Mutex<Vec<Message>>> = Arc::default();
+    let s = seen.clone();
+    let handle = broker
+        .subscriber()
+        .await
+        .unwrap()
+        .subscribe(
+            Subscription::new(&topic, &group),
+            Arc::new(handler_fn(move |d: surety_core::Delivery| {
+                let s = s.clone();
+                async move {
+                    s.lock().unwrap().push(d.message);
+                    Ok(Outcome::Ack)
+                }
+            })),
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while seen.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    handle.shutdown().await;
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1, "expected the message once");
+    let got = &seen[0];
+    assert_eq!(got.id(), message.id());
+    assert_eq!(got.key(), Some("k"));
+    assert_eq!(got.header("h"), Some("v"));
+    assert_eq!(got.payload(), message.payload());
+    assert_eq!(got.destination(), topic);
+    // Bookkeeping properties are not shown as headers; RocketMQ's own neither.
+    assert!(
+        got.headers().keys().all(|k| k == "h"),
+        "{:?}",
+        got.headers()
+    );
+}
+
+/// What the child producer process needs: `topic;producer group;message id`.
+const CHILD_ENV: &str = "SURETY_RMQ_CHILD_PRODUCER";
+/// The child's line announcing that the broker holds its half message.
+const HALF_STORED: &str = "SURETY-HALF-STORED ";
+
+/// Run only as a child of `check_back_after_the_producer_process_is_killed`: sends one
+/// half message whose local transaction never ends, says so on stdout, and waits to be
+/// killed. One child per half message: two producer processes of the group die.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "child process of check_back_after_the_producer_process_is_killed"]
+async fn child_producer_hangs_after_half_message() {
+    let spec = std::env::var(CHILD_ENV).expect("started by the parent test");
+    let parts: Vec<&str> = spec.split(';').collect();
+    let [topic, group, id] = parts[..] else {
+        panic!("bad {CHILD_ENV}: {spec}");
+    };
+    let broker = broker().await;
+    // This producer knows nothing: its check-back answers Unknown.
+    let producer = broker
+        .transactional_publisher(
+            group,
+            Arc::new(check_back_fn(|_| async { TxState::Unknown })),
+        )
+        .await
+        .unwrap();
+    let message = Message::new(topic, format!("half {id}")).with_id(MessageId::parse(id).unwrap());
+    let announce = id.to_owned();
+    let local = Box::pin(async move {
+        // Runs only once the broker stored the half message.
+        println!("{HALF_STORED}{announce}");
+        futures::future::pending::<TxState>().await
+    });
+    // Never returns on its own: the parent kills this process.
+    let result = producer.send_in_transaction(&message, local).await;
+    eprintln!("child: send_in_transaction returned {result:?}");
+}
+
+fn spawn_child_producer(spec: String) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_producer_hangs_after_half_message",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, spec)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start a child producer")
+}
+
+/// Issue 6: the producer *process* dies (SIGKILL, no clean shutdown) after the broker
+/// stored its half messages; a new producer of the same group answers the check-back:
+/// commit → delivered, rollback → never delivered. The conformance case
+/// `check_back_after_producer_dies` drops the producer in-process (a clean shutdown that
+/// unregisters it); this one kills the process, so the broker only sees the connection
+/// drop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn check_back_after_the_producer_process_is_killed() {
+    let broker = broker().await;
+    let topic = name("orphan");
+    let group = name("g");
+    let producer_group = name("producer");
+    broker
+        .declare(&Topology::new(&topic).group(&group))
+        .await
+        .unwrap();
+    let commit_id = Message::new(&topic, "").id().clone();
+    let rollback_id = Message::new(&topic, "").id().clone();
+
+    let mut children: Vec<std::process::Child> = [&commit_id, &rollback_id]
+        .iter()
+        .map(|id| spawn_child_producer(format!("{topic};{producer_group};{id}")))
+        .collect();
+    let (stored_tx, mut stored_rx) = tokio::sync::mpsc::unbounded_channel();
+    for child in &mut children {
+        let stdout = child.stdout.take().unwrap();
+        let stored_tx = stored_tx.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(|l| l.ok())
+            {
+                // Not a prefix: libtest's "test <name> ... " may start the same line.
+                if let Some(at) = line.find(HALF_STORED) {
+                    let _ = stored_tx.send(line[at + HALF_STORED.len()..].trim().to_owned());
+                }
+            }
+        });
+    }
+    let mut stored = Vec::new();
+    while stored.len() < 2 {
+        match tokio::time::timeout(Duration::from_secs(60), stored_rx.recv()).await {
+            Ok(Some(id)) => stored.push(id),
+            _ => {
+                for child in &mut children {
+                    let _ = child.kill();
+                }
+                panic!("the child producers did not store both half messages ({stored:?})");
+            }
+        }
+    }
+    // SIGKILL: no shutdown, no unregistering; the broker only sees the connections drop.
+    for child in &mut children {
+        child.kill().expect("kill a child producer");
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "the child was killed, not finished");
+    }
+
+    let asked: Arc<Mutex<Vec<MessageId>>> = Arc::default();
+    let (a, c, r) = (asked.clone(), commit_id.clone(), rollback_id.clone());
+    let _second = broker
+        .transactional_publisher(
+            &producer_group,
+            Arc::new(check_back_fn(move |m: Message| {
+                a.lock().unwrap().push(m.id().clone());
+                let state = if *m.id() == c {
+                    TxState::Commit
+                } else if *m.id() == r {
+                    TxState::Rollback
+                } else {
+                    TxState::Unknown
+                };
+                async move { state }
+            })),
+        )
+        .await
+        .unwrap();
+
+    let seen: Arc<Mutex<Vec<MessageId>>> = Arc::default();
+    let s = seen.clone();
+    let handle = broker
+        .subscriber()
+        .await
+        .unwrap()
+        .subscribe(
+            Subscription::new(&topic, &group),
+            Arc::new(handler_fn(move |d: surety_core::Delivery| {
+                let s = s.clone();
+                async move {
+                    s.lock().unwrap().push(d.message.id().clone());
+                    Ok(Outcome::Ack)
+                }
+            })),
+        )
+        .await
+        .unwrap();
+    // Safety net only: the broker checks every 3 s (transactionCheckInterval).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let resolved = || {
+        seen.lock().unwrap().contains(&commit_id) && asked.lock().unwrap().contains(&rollback_id)
+    };
+    while !resolved() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Watch a little longer for a delivery of the rolled-back message.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    handle.shutdown().await;
+    let seen = seen.lock().unwrap().clone();
+    let asked = asked.lock().unwrap().clone();
+    assert!(
+        seen.contains(&commit_id),
+        "the committed orphan was not delivered (asked: {asked:?})"
+    );
+    assert!(
+        asked.contains(&rollback_id),
+        "the new producer was never asked about the rolled-back orphan"
+    );
+    assert!(
+        !seen.contains(&rollback_id),
+        "the orphan whose check-back said rollback was delivered"
+    );
+    // At least once, not exactly once: one run saw the committed orphan delivered twice
+    // (same id; cause not established: a repeated check-back commit or a redelivery).
+    // Reported, not asserted; the id lets the consumer drop the copy.
+    let copies = seen.iter().filter(|id| **id == commit_id).count();
+    let asks = asked.iter().filter(|id| **id == commit_id).count();
+    eprintln!("committed orphan: {copies} deliveries after {asks} check-backs");
+}

@@ -1,0 +1,61 @@
+//! Surety's local message table on PostgreSQL and SQLite (sqlx): transactional outbox with
+//! a relay, an idempotent inbox, and a prepared-message (half message) store with
+//! check-back for brokers without native half messages.
+//!
+//! One [`SqlStore`] holds a pool and the rendered SQL for its tables (names configurable
+//! through [`TableNames`], validated against an identifier whitelist before they reach
+//! any SQL). [`SqlStore::migrate`] applies the schema shipped with the crate.
+//!
+//! - **Outbox** ([`Outbox::enqueue`]): the application inserts the message in its own
+//!   transaction (`&mut *tx`), so the message exists if and only if the business change
+//!   committed. Messages over [`StoreConfig::max_message_size`] are refused there with an
+//!   [`surety_core::ErrorKind::InvalidMessage`] error.
+//! - **Relay** ([`Relay`]): leases due rows, publishes them with confirm through any
+//!   `Arc<dyn Publisher>` in batches, marks them `SENT` only after the confirm, schedules
+//!   failures with the core [`surety_core::RetryPolicy`] backoff and turns rows `DEAD`
+//!   after `max_attempts`; [`Outbox::dead`] lists them and [`Outbox::redrive`] sends them
+//!   again. On PostgreSQL several relays share the work (`FOR UPDATE SKIP LOCKED` row
+//!   leases; a crashed relay's rows are taken over when its lease expires). On SQLite run
+//!   **one relay per database file**: SQLite has one writer, and the leases still keep a
+//!   second relay from publishing a leased row, but nothing is gained by it.
+//! - **Inbox** ([`Inbox::process`]): records `(consumer_name, message_id)` under a unique
+//!   key in the same transaction as the consumer's effect; a duplicate skips the effect.
+//! - **Prepared messages** ([`PreparedMessages`], [`Checker`],
+//!   [`SqlTransactionalPublisher`]): the half-message contract over any publisher;
+//!   [`WithSqlHalfMessages`] wraps a whole broker (RabbitMQ, Kafka) so its
+//!   `transactional_publisher` is backed by this store.
+//!
+//! Delivery is at least once: a relay that dies after the broker's confirm and before it
+//! marks the row sent publishes the row again after the lease expires. Consumers absorb
+//! that with the inbox (the message id is stable).
+//!
+//! Errors are [`surety_core::Error`]s: `Unavailable` when the database cannot be reached,
+//! `Storage` for other database failures (with a retry verdict), `Configuration` for bad
+//! table names or URLs. No error carries a connection URL.
+
+mod broker;
+mod config;
+mod error;
+mod inbox;
+mod outbox;
+mod prepared;
+mod relay;
+mod sql;
+mod store;
+mod worker;
+
+pub use broker::WithSqlHalfMessages;
+pub use config::{MAX_TABLE_NAME_LEN, StoreConfig, TableNames, validate_table_name};
+pub use inbox::{Inbox, InboxOutcome, MAX_CONSUMER_NAME_LEN};
+pub use outbox::Outbox;
+pub use prepared::{
+    CheckExhausted, CheckStats, Checker, CheckerConfig, PreparedId, PreparedMessages,
+    SqlTransactionalPublisher,
+};
+pub use relay::{Relay, RelayConfig, RelayStats};
+pub use sql::Dialect;
+pub use store::{CleanupStats, EntryState, OutboxEntry, SqlConnection, SqlStore};
+pub use worker::Worker;
+
+/// sqlx, re-exported so applications use the same version for their transactions.
+pub use sqlx;

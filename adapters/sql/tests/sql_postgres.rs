@@ -1,0 +1,173 @@
+//! surety-sql on PostgreSQL (SURETY_POSTGRES_URL; a unique table prefix per test).
+
+mod common;
+
+use common::Kind::Postgres;
+use common::scenarios as s;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_publishes_once_and_rollback_never() {
+    s::commit_and_rollback(Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_typed_errors() {
+    s::bad_input(Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_killed_between_lease_and_mark_sent_loses_nothing() {
+    s::relay_killed_between_lease_and_mark_sent(Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_destination_goes_dead_and_redrive_publishes() {
+    s::refused_destination_dead_and_redrive(Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_applies_each_effect_once() {
+    s::inbox_applies_each_effect_once(Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_messages_and_check_back() {
+    s::prepared_messages_and_check_back(Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_down_is_a_typed_error() {
+    s::database_down(Postgres).await;
+}
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{DEST, Fixture, GROUP, order};
+use surety_core::{Message, RetryPolicy};
+use surety_sql::{EntryState, Relay, RelayConfig};
+
+/// Two relays share 10 000 rows through row leases: every row is published, and the
+/// duplicates (expected zero: leases outlive every batch) are counted and printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_publish_ten_thousand_rows() {
+    const ROWS: usize = 10_000;
+    let f = Fixture::new(common::Kind::Postgres).await;
+    let messages: Vec<Message> = (0..ROWS).map(order).collect();
+    for chunk in messages.chunks(1000) {
+        f.place_orders(chunk, true).await;
+    }
+    let relay = |name: &str| {
+        Relay::new(
+            f.store.clone(),
+            f.publisher(),
+            RelayConfig {
+                batch_size: 200,
+                lease: Duration::from_secs(60),
+                retry: RetryPolicy::default(),
+                owner: Some(name.into()),
+                ..RelayConfig::default()
+            },
+        )
+    };
+    let (a, b) = (relay("relay-a"), relay("relay-b"));
+    let started = Instant::now();
+    let (sa, sb) = tokio::join!(
+        tokio::spawn(async move { a.drain().await }),
+        tokio::spawn(async move { b.drain().await })
+    );
+    let (sa, sb) = (sa.unwrap().unwrap(), sb.unwrap().unwrap());
+    let elapsed = started.elapsed();
+    // A relay stops at its first empty batch; the other may still have had rows in
+    // flight, so sweep once more before counting.
+    let sweep = relay("relay-sweep").drain().await.unwrap();
+
+    let counts = f.store.counts().await.unwrap();
+    let published = f.publisher.distinct();
+    let total = f.publisher.total();
+    let duplicates = total - published as u64;
+    println!(
+        "two relays, {ROWS} rows in {elapsed:?}: relay-a sent {}, relay-b sent {}, sweep sent {}, \
+         distinct published {published}, total publishes {total}, duplicates {duplicates}, \
+         lease lost a={} b={}",
+        sa.sent, sb.sent, sweep.sent, sa.lease_lost, sb.lease_lost
+    );
+    assert_eq!(published, ROWS, "every row published");
+    assert_eq!(
+        counts.get(&EntryState::Sent),
+        Some(&(ROWS as u64)),
+        "{counts:?}"
+    );
+    assert_eq!(counts.get(&EntryState::Pending), None, "{counts:?}");
+    assert_eq!(sa.sent + sb.sent + sweep.sent, ROWS as u64);
+    assert!(
+        sa.sent > 0 && sb.sent > 0,
+        "both relays took part: {sa:?} {sb:?}"
+    );
+    assert_eq!(f.broker.backlog(DEST, GROUP) as u64, total);
+    f.cleanup().await;
+}
+
+/// Rows committed out of id order by concurrent transactions: the later id commits and is
+/// published first; the earlier id, committed after, is not skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_committed_out_of_id_order_are_all_published() {
+    let f = Fixture::new(common::Kind::Postgres).await;
+    let pool = f.store.pg_pool().unwrap();
+    let outbox = f.store.outbox();
+    let relay = Relay::new(f.store.clone(), f.publisher(), RelayConfig::default());
+    let mut published_order = Vec::new();
+    for round in 0..5 {
+        let early = order(round * 2);
+        let late = order(round * 2 + 1);
+        let mut t1 = pool.begin().await.unwrap();
+        outbox.enqueue(&mut *t1, &early).await.unwrap();
+        let mut t2 = pool.begin().await.unwrap();
+        outbox.enqueue(&mut *t2, &late).await.unwrap();
+        t2.commit().await.unwrap();
+        assert_eq!(relay.drain().await.unwrap().sent, 1);
+        assert_eq!(f.publisher.count(late.id()), 1);
+        assert_eq!(f.publisher.count(early.id()), 0, "not committed yet");
+        t1.commit().await.unwrap();
+        assert_eq!(relay.drain().await.unwrap().sent, 1);
+        assert_eq!(f.publisher.count(early.id()), 1, "earlier id not skipped");
+        let (e, l) = (
+            outbox.get(early.id()).await.unwrap().unwrap(),
+            outbox.get(late.id()).await.unwrap().unwrap(),
+        );
+        assert!(e.position() < l.position());
+        published_order.push((e.position(), l.position()));
+    }
+    // And many concurrent writers with a relay running alongside.
+    let worker = relay.spawn();
+    let mut tasks = Vec::new();
+    let all: Arc<Vec<Message>> = Arc::new((100..400).map(order).collect());
+    for w in 0..6 {
+        let pool = pool.clone();
+        let outbox = outbox.clone();
+        let all = all.clone();
+        tasks.push(tokio::spawn(async move {
+            for m in all.iter().skip(w).step_by(6) {
+                let mut tx = pool.begin().await.unwrap();
+                outbox.enqueue(&mut *tx, m).await.unwrap();
+                tokio::task::yield_now().await;
+                tx.commit().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    common::eventually(
+        Duration::from_secs(60),
+        "all concurrent rows published",
+        || async { all.iter().all(|m| f.publisher.count(m.id()) >= 1) },
+    )
+    .await;
+    worker.shutdown().await;
+    let counts: HashMap<_, _> = f.store.counts().await.unwrap();
+    assert_eq!(counts.get(&EntryState::Sent), Some(&310), "{counts:?}");
+    println!("out-of-order rounds (early id, late id): {published_order:?}");
+    f.cleanup().await;
+}

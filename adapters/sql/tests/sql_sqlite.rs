@@ -1,0 +1,41 @@
+//! surety-sql on SQLite (a temporary file per test). One relay per database file.
+
+mod common;
+
+use common::Kind::Sqlite;
+use common::scenarios as s;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_publishes_once_and_rollback_never() {
+    s::commit_and_rollback(Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_typed_errors() {
+    s::bad_input(Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_killed_between_lease_and_mark_sent_loses_nothing() {
+    s::relay_killed_between_lease_and_mark_sent(Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_destination_goes_dead_and_redrive_publishes() {
+    s::refused_destination_dead_and_redrive(Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_applies_each_effect_once() {
+    s::inbox_applies_each_effect_once(Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_messages_and_check_back() {
+    s::prepared_messages_and_check_back(Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_down_is_a_typed_error() {
+    s::database_down(Sqlite).await;
+}
