@@ -1,22 +1,29 @@
 //! order -> cart: the canonical Surety example, on the embedded default (SQLite + the
-//! in-memory broker), or on PostgreSQL with `--postgres` (SURETY_POSTGRES_URL).
+//! in-memory broker); `--postgres` uses PostgreSQL (SURETY_POSTGRES_URL) and
+//! `--broker <url>` a real broker (`amqp://…`, `kafka://…`, `rocketmq://…`, see
+//! `surety::connect`).
 //!
 //! 1. The order service commits an order and its outbox message in one transaction, then
 //!    "crashes" before publishing. A relay started afterwards publishes the message.
 //! 2. The cart service consumes it through the inbox and clears the customer's cart.
 //! 3. The broker delivers the message a second time: the inbox absorbs the duplicate.
 //!
-//! Run: `cargo run --locked --example order_cart [-- --postgres]`
+//! Run: `cargo run --example order_cart [-- --postgres] [--broker kafka://127.0.0.1:9092]`
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use surety_core::{
-    Broker, Delivery, Error, ErrorKind, Message, Outcome, Subscription, Topology, handler_fn,
-};
-use surety_memory::MemoryBroker;
-use surety_sql::sqlx::{self, AssertSqlSafe};
-use surety_sql::{InboxOutcome, Relay, RelayConfig, SqlStore, StoreConfig, TableNames};
+use surety::sql::sqlx::{self, AssertSqlSafe};
+use surety::sql::{InboxOutcome, Relay, RelayConfig, SqlStore, StoreConfig, TableNames};
+use surety::{Delivery, Error, ErrorKind, Message, Outcome, Subscription, Topology, handler_fn};
+
+/// The destination and consumer group of the example (on a real broker they persist
+/// between runs, hence names unlikely to clash with an application's).
+const ORDERS: &str = "surety-demo-orders";
+const CART: &str = "surety-demo-cart";
+
+/// Long enough for a consumer group to join on a real broker.
+const WAIT: Duration = Duration::from_secs(60);
 
 type Fail = Box<dyn std::error::Error + Send + Sync>;
 
@@ -37,7 +44,7 @@ async fn exec(store: &SqlStore, sql: &str) -> Result<(), Error> {
 
 /// The order service: the order row and its message commit together.
 async fn place_order(store: &SqlStore, order_id: i64, customer: &str) -> Result<Message, Error> {
-    let message = Message::json("orders", &(order_id, customer))?.with_key(customer);
+    let message = Message::json(ORDERS, &(order_id, customer))?.with_key(customer);
     let insert = "INSERT INTO demo_orders (id, customer) VALUES ($1, $2)";
     macro_rules! in_tx {
         ($pool:expr) => {{
@@ -86,7 +93,13 @@ async fn clear_cart(store: &SqlStore, message: &Message) -> Result<InboxOutcome<
 
 #[tokio::main]
 async fn main() -> Result<(), Fail> {
-    let postgres = std::env::args().any(|a| a == "--postgres");
+    let args: Vec<String> = std::env::args().collect();
+    let postgres = args.iter().any(|a| a == "--postgres");
+    let broker_url = args
+        .iter()
+        .position(|a| a == "--broker")
+        .and_then(|i| args.get(i + 1))
+        .map_or("memory:", String::as_str);
     let (url, file) = if postgres {
         let url = std::env::var("SURETY_POSTGRES_URL")
             .unwrap_or_else(|_| "postgres://surety:surety@127.0.0.1:5432/surety".into());
@@ -126,10 +139,10 @@ async fn main() -> Result<(), Fail> {
         if postgres { "PostgreSQL" } else { "SQLite" }
     );
 
-    let broker = MemoryBroker::new();
-    broker
-        .declare(&Topology::new("orders").group("cart"))
-        .await?;
+    // The URL's user and password (if any) are never printed: only its scheme.
+    let broker = surety::connect(broker_url).await?;
+    println!("broker: {}", broker.name());
+    broker.declare(&Topology::new(ORDERS).group(CART)).await?;
 
     // 1. Commit, then crash before publishing: the message waits in the outbox.
     let message = place_order(&store, 42, "ada").await?;
@@ -141,9 +154,14 @@ async fn main() -> Result<(), Fail> {
     // The cart service.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let cart_store = store.clone();
+    let this_run = message.id().clone();
     let handler = handler_fn(move |delivery: Delivery| {
-        let (store, tx) = (cart_store.clone(), tx.clone());
+        let (store, tx, this_run) = (cart_store.clone(), tx.clone(), this_run.clone());
         async move {
+            // A real broker may still hold messages of an earlier run: acknowledge them.
+            if delivery.message.id() != &this_run {
+                return Ok(Outcome::Ack);
+            }
             let outcome = clear_cart(&store, &delivery.message).await?;
             let _ = tx.send(outcome);
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Outcome::Ack)
@@ -152,7 +170,7 @@ async fn main() -> Result<(), Fail> {
     let consumer = broker
         .subscriber()
         .await?
-        .subscribe(Subscription::new("orders", "cart"), Arc::new(handler))
+        .subscribe(Subscription::new(ORDERS, CART), Arc::new(handler))
         .await?;
 
     // After the restart, the relay finds the committed message and publishes it.
@@ -163,12 +181,12 @@ async fn main() -> Result<(), Fail> {
     );
     let stats = relay.drain().await?;
     println!("relay after restart: published {} message(s)", stats.sent);
-    let first = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await?;
+    let first = tokio::time::timeout(WAIT, rx.recv()).await?;
     println!("cart service: {first:?} (cart items removed)");
 
     // 3. The broker delivers it again: the inbox skips the effect.
     broker.publisher().await?.publish(&message).await?;
-    let second = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await?;
+    let second = tokio::time::timeout(WAIT, rx.recv()).await?;
     println!("cart service, second delivery: {second:?}");
     consumer.shutdown().await;
 
