@@ -1,0 +1,235 @@
+//! `surety verify --broker <url>`: the conformance cases against a user's own broker.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use surety_conformance::{CASES, Fixture, Report, Verdict};
+use surety_core::{Broker, Error, ErrorKind};
+use surety_sql::{
+    CheckerConfig, RelayConfig, SqlStore, StoreConfig, TableNames, WithSqlHalfMessages,
+};
+
+use crate::output::{Failure, print_json};
+use crate::redact::{redact_url, scrub};
+
+/// Prefix of the tables that back half messages on RabbitMQ and Kafka during a verify
+/// run: kept apart from the application's outbox, so its relay never sees test rows.
+const VERIFY_TABLES: &str = "surety_verify";
+
+/// Connects, runs the cases (all, or those named in `only`) one after another, prints
+/// the matrix. `Ok(false)` when a case failed.
+pub(crate) async fn verify(
+    broker_url: &str,
+    database_url: Option<&str>,
+    only: &[String],
+    as_json: bool,
+) -> Result<bool, Failure> {
+    for name in only {
+        if !CASES.iter().any(|c| c.name == name) {
+            return Err(Failure::operational(
+                "configuration",
+                format!(
+                    "unknown case {name:?}; cases: {}",
+                    CASES.iter().map(|c| c.name).collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+    }
+    let fail = |e: Error| {
+        let mut f = Failure::from_error(&e, Some(broker_url));
+        f.text = scrub(&f.text, database_url);
+        f
+    };
+    let (adapter, fixture) = fixture(broker_url, database_url).await.map_err(fail)?;
+    let caps = fixture.broker.capabilities();
+    let report = Report::default();
+    let cases: Vec<_> = CASES
+        .iter()
+        .filter(|c| only.is_empty() || only.iter().any(|o| o == c.name))
+        .collect();
+    eprintln!(
+        "verifying {} ({adapter}): {} case(s)",
+        redact_url(broker_url),
+        cases.len()
+    );
+    let mut failed = 0;
+    for (i, case) in cases.iter().enumerate() {
+        let missing: Vec<String> = case
+            .requires
+            .iter()
+            .filter(|c| !caps.supports(**c))
+            .map(|c| c.to_string())
+            .collect();
+        let started = Instant::now();
+        let verdict = if !missing.is_empty() {
+            Verdict::NotSupported(format!("needs {}", missing.join(", ")))
+        } else {
+            // A case that panics outside the deliberate ones is a failure, not a crash
+            // of the whole run.
+            match tokio::spawn((case.run)(fixture.clone())).await {
+                Ok(Ok(observed)) => Verdict::Pass(observed),
+                Ok(Err(why)) => Verdict::Fail(why),
+                Err(e) => Verdict::Fail(format!("the case panicked: {e}")),
+            }
+        };
+        let short = match &verdict {
+            Verdict::Pass(_) => "pass".to_owned(),
+            Verdict::Fail(why) => {
+                failed += 1;
+                format!("FAIL: {}", scrub(why, Some(broker_url)))
+            }
+            Verdict::NotSupported(why) => format!("not supported ({why})"),
+        };
+        eprintln!(
+            "[{}/{}] {} ... {} ({:.1}s)",
+            i + 1,
+            cases.len(),
+            case.name,
+            short,
+            started.elapsed().as_secs_f64()
+        );
+        report.add(case.name, adapter, verdict);
+    }
+    let order: Vec<&str> = CASES.iter().map(|c| c.name).collect();
+    if as_json {
+        let rows: Vec<_> = report
+            .rows(&order)
+            .into_iter()
+            .map(|row| {
+                let promise = CASES.iter().find(|c| c.name == row.case).map(|c| c.promise);
+                match row.verdict {
+                    Verdict::Pass(o) => {
+                        json!({"case": row.case, "promise": promise, "result": "pass",
+                        "messages": o.messages, "lost": o.lost, "duplicated": o.duplicated})
+                    }
+                    Verdict::Fail(why) => {
+                        json!({"case": row.case, "promise": promise, "result": "fail",
+                        "reason": scrub(&why, Some(broker_url))})
+                    }
+                    Verdict::NotSupported(why) => json!({"case": row.case, "promise": promise,
+                        "result": "not_supported", "reason": why}),
+                }
+            })
+            .collect();
+        print_json(&json!({
+            "broker": redact_url(broker_url),
+            "adapter": adapter,
+            "failed": failed,
+            "cases": rows,
+        }));
+    } else {
+        println!("{}", scrub(&report.markdown(&order), Some(broker_url)));
+        println!("{failed} failed");
+    }
+    Ok(failed == 0)
+}
+
+/// The adapter behind the URL scheme, with timings that fit its broker (as the
+/// conformance runner uses them).
+async fn fixture(
+    url: &str,
+    database_url: Option<&str>,
+) -> surety_core::Result<(&'static str, Fixture)> {
+    let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or_default();
+    match scheme {
+        "memory" => {
+            let broker = surety_memory::MemoryBroker::with_config(surety_memory::MemoryConfig {
+                transaction_timeout: Duration::from_millis(300),
+                check_interval: Duration::from_millis(100),
+                ..surety_memory::MemoryConfig::default()
+            });
+            Ok((
+                "memory",
+                Fixture::new(Arc::new(broker))
+                    .quiet_period(Duration::from_millis(300))
+                    .check_back_timeout(Duration::from_secs(10)),
+            ))
+        }
+        "amqp" | "amqps" => {
+            let config = surety_rabbitmq::RabbitConfig::from_url(url)?;
+            let broker = surety_rabbitmq::RabbitBroker::connect(config).await?;
+            let broker = with_half_messages(Arc::new(broker), database_url).await?;
+            Ok((
+                "rabbitmq",
+                Fixture::new(broker)
+                    .quiet_period(Duration::from_secs(1))
+                    .check_back_timeout(Duration::from_secs(30)),
+            ))
+        }
+        "kafka" => {
+            let config = surety_kafka::KafkaConfig::from_url(url)?;
+            let broker = surety_kafka::KafkaBroker::connect(config).await?;
+            let broker = with_half_messages(Arc::new(broker), database_url).await?;
+            Ok((
+                "kafka",
+                Fixture::new(broker)
+                    .quiet_period(Duration::from_secs(1))
+                    .check_back_timeout(Duration::from_secs(30)),
+            ))
+        }
+        "rocketmq" => {
+            let config = surety_rocketmq::RocketMqConfig::from_url(url)?;
+            let broker = surety_rocketmq::RocketMqBroker::connect(config).await?;
+            // RocketMQ checks half messages every few seconds after a few seconds.
+            Ok((
+                "rocketmq",
+                Fixture::new(Arc::new(broker))
+                    .quiet_period(Duration::from_secs(2))
+                    .check_back_timeout(Duration::from_secs(40)),
+            ))
+        }
+        _ => Err(Error::new(
+            ErrorKind::Configuration,
+            "expected a memory:, amqp://, amqps://, kafka:// or rocketmq:// broker URL",
+        )),
+    }
+}
+
+/// RabbitMQ and Kafka have no half messages of their own: with a database, the
+/// transactional cases run on surety-sql's prepared-message store (as an application
+/// would); without one they are reported "not supported".
+async fn with_half_messages(
+    broker: Arc<dyn Broker>,
+    database_url: Option<&str>,
+) -> surety_core::Result<Arc<dyn Broker>> {
+    let Some(url) = database_url else {
+        return Ok(broker);
+    };
+    let store = SqlStore::connect(
+        url,
+        StoreConfig::default().tables(TableNames::prefixed(VERIFY_TABLES)),
+    )
+    .await?;
+    store.migrate().await?;
+    let checker = CheckerConfig {
+        check_timeout: Duration::from_secs(2),
+        check_interval: Duration::from_millis(500),
+        poll_interval: Duration::from_millis(200),
+        ..CheckerConfig::default()
+    };
+    let relay = RelayConfig {
+        poll_interval: Duration::from_millis(100),
+        ..RelayConfig::default()
+    };
+    Ok(Arc::new(WithSqlHalfMessages::new(
+        broker, store, checker, relay,
+    )))
+}
+
+/// Cases panic on purpose inside handlers to prove a panic is a retry: keep those out of
+/// the output, print every other panic as usual.
+pub(crate) fn quiet_deliberate_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let text = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        if !text.starts_with(surety_conformance::DELIBERATE_PANIC) {
+            default(info);
+        }
+    }));
+}
