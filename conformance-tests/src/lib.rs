@@ -10,6 +10,7 @@
 
 mod cases;
 pub mod fault_proxy;
+pub mod faults;
 mod report;
 mod support;
 

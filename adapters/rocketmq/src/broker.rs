@@ -315,6 +315,12 @@ impl Broker for RocketMqBroker {
     }
 
     async fn declare(&self, topology: &Topology) -> Result<()> {
+        // Bad names are the caller's error, not a broker outage: refuse them before the
+        // admin call (the broker answers an empty topic with a generic header error).
+        crate::codec::validate_topic(&topology.destination)?;
+        for group in &topology.groups {
+            crate::codec::validate_topic(group)?;
+        }
         let shared = &self.shared;
         let queues = shared.config.queues;
         shared.create_topic(&topology.destination, queues).await?;

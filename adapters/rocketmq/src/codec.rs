@@ -58,7 +58,8 @@ pub(crate) fn delay_level(delay: Duration) -> i32 {
 
 /// Checks what RocketMQ adds to the core rules: topic characters and length.
 pub(crate) fn validate_topic(topic: &str) -> Result<()> {
-    if topic.len() > MAX_TOPIC_LEN
+    if topic.is_empty()
+        || topic.len() > MAX_TOPIC_LEN
         || !topic
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'%'))
@@ -197,6 +198,7 @@ mod tests {
     fn topics_without_dots() {
         assert!(validate_topic("orders_v1-%DLQ%").is_ok());
         assert!(validate_topic("orders.v1").is_err());
+        assert!(validate_topic("").is_err(), "an empty topic is invalid");
     }
 
     #[test]
