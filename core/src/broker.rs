@@ -7,6 +7,7 @@ use async_trait::async_trait;
 
 use crate::capability::{Capabilities, Capability};
 use crate::consume::Subscriber;
+use crate::dead_letter::DeadLetters;
 use crate::error::{Error, Result};
 use crate::publish::Publisher;
 use crate::transaction::{BrokerTransaction, CheckBack, TransactionalPublisher};
@@ -90,4 +91,12 @@ pub trait Broker: Send + Sync {
 
     /// Where `group`'s dead letters from `destination` go by this adapter's convention.
     fn dead_letter_destination(&self, destination: &str, group: &str) -> String;
+
+    /// The operator's view of dead letters: list and re-drive. Requires
+    /// [`Capability::DeadLetter`].
+    async fn dead_letters(&self) -> Result<Arc<dyn DeadLetters>> {
+        self.capabilities()
+            .require(self.name(), Capability::DeadLetter)?;
+        Err(Error::unsupported(self.name(), "dead-letter browsing"))
+    }
 }

@@ -12,11 +12,13 @@
 //! - [`Subscriber`], [`Handler`], [`Outcome`]: ack after process, bounded redelivery
 //!   under a [`RetryPolicy`], dead letters.
 //! - [`Error`] with an [`ErrorKind`] and a retry verdict; [`Capabilities`] per adapter.
+//! - [`DeadLetters`]: list and re-drive a group's dead letters on any broker.
 //! - [`telemetry`]: every metric and span name.
 
 mod broker;
 mod capability;
 mod consume;
+mod dead_letter;
 mod error;
 mod message;
 mod publish;
@@ -29,6 +31,10 @@ pub use capability::{Capabilities, Capability};
 pub use consume::{
     Delivery, Disposition, Handler, HandlerError, HandlerFailure, HandlerFn, Outcome, Subscriber,
     Subscription, SubscriptionHandle, decide, handler_fn, run_handler,
+};
+pub use dead_letter::{
+    DeadLetter, DeadLetters, MAX_REASON_LEN, RedriveReport, RedriveSelection, dead_letter_message,
+    header_safe, redrive_message,
 };
 pub use error::{Error, ErrorKind, Result};
 pub use message::{
@@ -51,5 +57,6 @@ fn assert_object_safe(
     _: &dyn CheckBack,
     _: &dyn Broker,
     _: &dyn BrokerTransaction,
+    _: &dyn DeadLetters,
 ) {
 }

@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use surety_core::{
-    Broker, BrokerTransaction, Capabilities, Capability, CheckBack, Publisher, Result, Subscriber,
-    Topology, TransactionalPublisher,
+    Broker, BrokerTransaction, Capabilities, Capability, CheckBack, DeadLetters, Publisher, Result,
+    Subscriber, Topology, TransactionalPublisher,
 };
 
 use crate::prepared::{CheckerConfig, SqlTransactionalPublisher};
@@ -107,5 +107,9 @@ impl Broker for WithSqlHalfMessages {
 
     fn dead_letter_destination(&self, destination: &str, group: &str) -> String {
         self.inner.dead_letter_destination(destination, group)
+    }
+
+    async fn dead_letters(&self) -> Result<Arc<dyn DeadLetters>> {
+        self.inner.dead_letters().await
     }
 }
