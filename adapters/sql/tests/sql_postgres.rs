@@ -36,6 +36,16 @@ async fn prepared_messages_and_check_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_read_only_is_a_typed_error_and_loses_nothing() {
+    s::database_read_only(Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_lost_between_confirm_and_mark_sent_publishes_again() {
+    s::database_lost_between_confirm_and_mark_sent(Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_down_is_a_typed_error() {
     s::database_down(Postgres).await;
 }

@@ -196,6 +196,53 @@ impl Fixture {
         self.publisher.clone()
     }
 
+    fn config(&self) -> StoreConfig {
+        StoreConfig::default().tables(TableNames::prefixed(&self.prefix))
+    }
+
+    /// Another store on the same tables, as a restarted process would open it.
+    pub async fn reopen(&self) -> SqlStore {
+        let url = match (&self.kind, &self.file) {
+            (Kind::Postgres, _) => postgres_url(),
+            (Kind::Sqlite, Some(path)) => format!("sqlite://{}", path.display()),
+            (Kind::Sqlite, None) => unreachable!("a SQLite fixture has a file"),
+        };
+        SqlStore::connect(&url, self.config())
+            .await
+            .expect("reopen the test database")
+    }
+
+    /// A store on the same tables whose every session is read-only: a PostgreSQL standby
+    /// after a failover, a SQLite file on a disk remounted read-only.
+    pub async fn read_only(&self) -> SqlStore {
+        use std::str::FromStr;
+        match (&self.kind, &self.file) {
+            (Kind::Postgres, _) => {
+                let options = sqlx::postgres::PgConnectOptions::from_str(&postgres_url())
+                    .unwrap()
+                    .options([("default_transaction_read_only", "on")]);
+                let pool = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(2)
+                    .connect_with(options)
+                    .await
+                    .expect("connect read-only");
+                SqlStore::postgres(pool, self.config()).unwrap()
+            }
+            (Kind::Sqlite, Some(path)) => {
+                let options = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(path)
+                    .read_only(true);
+                let pool = sqlx::sqlite::SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .connect_with(options)
+                    .await
+                    .expect("open read-only");
+                SqlStore::sqlite(pool, self.config()).unwrap()
+            }
+            (Kind::Sqlite, None) => unreachable!("a SQLite fixture has a file"),
+        }
+    }
+
     /// The business change plus the outbox rows in one application transaction, then
     /// commit or roll back.
     pub async fn place_orders(&self, messages: &[Message], commit: bool) {

@@ -672,6 +672,128 @@ pub async fn database_down(kind: Kind) {
     g.cleanup().await;
 }
 
+/// A read-only database (a standby after a failover, a disk remounted read-only): enqueue
+/// and the relay fail with a typed, retryable error, nothing is published or marked sent,
+/// and once the database takes writes again the relay publishes every row once.
+pub async fn database_read_only(kind: Kind) {
+    let f = Fixture::new(kind).await;
+    let committed: Vec<Message> = (0..5).map(order).collect();
+    f.place_orders(&committed, true).await;
+    let read_only = f.read_only().await;
+
+    let late = order(99);
+    let e = match kind {
+        Kind::Postgres => {
+            let mut tx = read_only.pg_pool().unwrap().begin().await.unwrap();
+            read_only.outbox().enqueue(&mut *tx, &late).await
+        }
+        Kind::Sqlite => {
+            let mut tx = read_only.sqlite_pool().unwrap().begin().await.unwrap();
+            read_only.outbox().enqueue(&mut *tx, &late).await
+        }
+    }
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Storage, "{e}");
+    assert!(e.is_retryable(), "a read-only database may become writable: {e}");
+
+    let e = relay_on(&read_only, &f, RetryPolicy::default())
+        .run_once()
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Storage, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    read_only.close().await;
+    for m in &committed {
+        assert_eq!(f.publisher.count(m.id()), 0, "published from a read-only pass");
+        let entry = f.state_of(m.id()).await.unwrap();
+        assert_eq!(entry.state, EntryState::Pending);
+        assert_eq!(entry.attempts, 0, "a failed lease counted an attempt");
+    }
+    assert!(f.state_of(late.id()).await.is_none());
+
+    let stats = relay(&f, RetryPolicy::default()).drain().await.unwrap();
+    assert_eq!(stats.sent, 5, "{stats:?}");
+    for m in &committed {
+        assert_eq!(f.publisher.count(m.id()), 1);
+    }
+    f.cleanup().await;
+}
+
+/// The database goes away after the broker confirmed a batch and before the relay marked it
+/// sent: the relay reports the error, and a relay started later publishes the batch again
+/// (at least once; the consumer's inbox absorbs the repeat). Nothing is lost.
+pub async fn database_lost_between_confirm_and_mark_sent(kind: Kind) {
+    let f = Fixture::new(kind).await;
+    let committed: Vec<Message> = (0..4).map(order).collect();
+    f.place_orders(&committed, true).await;
+
+    // A store of its own, closed by the publisher right after the broker's confirm.
+    let doomed = f.reopen().await;
+    let closing = Arc::new(CloseAfterConfirm {
+        inner: f.publisher(),
+        store: doomed.clone(),
+    });
+    let first = Relay::new(
+        doomed.clone(),
+        closing,
+        RelayConfig {
+            batch_size: 50,
+            lease: Duration::from_millis(300),
+            poll_interval: Duration::from_millis(20),
+            retry: RetryPolicy::default(),
+            owner: None,
+        },
+    );
+    let e = first.run_once().await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert!(e.is_retryable(), "{e}");
+    for m in &committed {
+        assert_eq!(f.publisher.count(m.id()), 1, "confirmed once");
+        let entry = f.state_of(m.id()).await.unwrap();
+        assert_eq!(entry.state, EntryState::Pending, "marked sent without a database");
+    }
+
+    // After the lease runs out, a restarted relay publishes the batch again.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let stats = relay(&f, RetryPolicy::default()).drain().await.unwrap();
+    assert_eq!(stats.sent, 4, "{stats:?}");
+    for m in &committed {
+        assert_eq!(f.publisher.count(m.id()), 2, "published again after the restart");
+        assert_eq!(f.state_of(m.id()).await.unwrap().state, EntryState::Sent);
+    }
+    f.cleanup().await;
+}
+
+fn relay_on(store: &SqlStore, f: &Fixture, retry: RetryPolicy) -> Relay {
+    Relay::new(
+        store.clone(),
+        f.publisher(),
+        RelayConfig {
+            batch_size: 50,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(20),
+            retry,
+            owner: None,
+        },
+    )
+}
+
+/// Publishes through `inner`, then closes `store`'s pool: the database is gone between the
+/// broker's confirm and the relay's bookkeeping.
+struct CloseAfterConfirm {
+    inner: Arc<dyn Publisher>,
+    store: SqlStore,
+}
+
+#[async_trait::async_trait]
+impl Publisher for CloseAfterConfirm {
+    async fn publish(&self, message: &Message) -> surety_core::Result<surety_core::Receipt> {
+        let receipt = self.inner.publish(message).await?;
+        self.store.close().await;
+        Ok(receipt)
+    }
+}
+
 // Keep the trait in scope for `publish` on the counting publisher in callers.
 #[allow(unused)]
 fn _publisher_in_scope(p: &dyn Publisher) {}
