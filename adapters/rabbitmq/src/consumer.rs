@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::StreamExt;
+use lapin::Channel;
 use lapin::message::Delivery as AmqpDelivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -92,6 +93,29 @@ struct Consumer {
     handler: Arc<dyn Handler>,
 }
 
+/// How long one step of stopping (cancel, close) may take before it is given up.
+const STOP_STEP: Duration = Duration::from_secs(5);
+/// How long a stopping consumer lets in-flight handlers finish before aborting them (their
+/// messages are unacked, so the broker delivers them again).
+const STOP_DRAIN: Duration = Duration::from_secs(20);
+
+/// Waits for in-flight handlers up to [`STOP_DRAIN`], then aborts the rest.
+async fn drain(inflight: &mut JoinSet<()>) {
+    let finished = tokio::time::timeout(STOP_DRAIN, async {
+        while inflight.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!(
+            adapter = ADAPTER,
+            handlers = inflight.len(),
+            "in-flight handlers did not finish while stopping; aborted (their messages will be redelivered)"
+        );
+        inflight.abort_all();
+        while inflight.join_next().await.is_some() {}
+    }
+}
+
 impl Consumer {
     /// The supervisor: runs consuming sessions until stopped, reconnecting with backoff.
     async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
@@ -129,16 +153,11 @@ impl Consumer {
                 }
             }
         }
-        while inflight.join_next().await.is_some() {}
+        drain(&mut inflight).await;
     }
 
-    /// One channel's life: consume until stopped (`Ok`) or the channel fails (`Err`).
-    async fn session(
-        self: &Arc<Self>,
-        stop: &mut watch::Receiver<bool>,
-        inflight: &mut JoinSet<()>,
-        failed: &mut bool,
-    ) -> Result<()> {
+    /// A channel with the prefetch set, the queue declared and a consumer on it.
+    async fn start_consuming(&self) -> Result<(Channel, lapin::Consumer)> {
         let config = self.connector.config();
         let channel = self.connector.channel().await?;
         let prefetch = self.subscription.concurrency.clamp(1, u16::MAX as usize) as u16;
@@ -153,7 +172,7 @@ impl Consumer {
         }
         .bound_queue(&self.subscription.destination, &self.queue)
         .await?;
-        let mut consumer = channel
+        let consumer = channel
             .basic_consume(
                 self.queue.as_str().into(),
                 "".into(),
@@ -162,6 +181,23 @@ impl Consumer {
             )
             .await
             .map_err(|e| error::topology("start consuming", e))?;
+        Ok((channel, consumer))
+    }
+
+    /// One channel's life: consume until stopped (`Ok`) or the channel fails (`Err`).
+    async fn session(
+        self: &Arc<Self>,
+        stop: &mut watch::Receiver<bool>,
+        inflight: &mut JoinSet<()>,
+        failed: &mut bool,
+    ) -> Result<()> {
+        // Setting up can hang on a connection that is being recovered: a stop must still
+        // end it.
+        let setup = self.start_consuming();
+        let (channel, mut consumer) = tokio::select! {
+            started = setup => started?,
+            _ = stop.changed() => return Ok(()),
+        };
         if std::mem::take(failed) {
             record_reconnect("consumer");
         }
@@ -169,17 +205,22 @@ impl Consumer {
             tokio::select! {
                 biased;
                 _ = stop.changed() => {
-                    // Stop taking messages, finish what was delivered, then close.
-                    let _ = channel
-                        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                        .await;
+                    // Stop taking messages, finish what was delivered, then close. Every
+                    // step is bounded: on a cut connection the broker never answers, and a
+                    // handler's ack may wait on a dead channel. What is not acked by then is
+                    // redelivered by the broker once the channel is gone.
+                    let _ = tokio::time::timeout(
+                        STOP_STEP,
+                        channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()),
+                    )
+                    .await;
                     while let Ok(Some(Ok(delivery))) =
                         tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
                     {
                         self.spawn(inflight, delivery);
                     }
-                    while inflight.join_next().await.is_some() {}
-                    let _ = channel.close(200, "OK".into()).await;
+                    drain(inflight).await;
+                    let _ = tokio::time::timeout(STOP_STEP, channel.close(200, "OK".into())).await;
                     return Ok(());
                 }
                 Some(_) = inflight.join_next(), if !inflight.is_empty() => {}
