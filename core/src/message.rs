@@ -37,6 +37,12 @@ pub mod headers {
     pub const ORIGINAL_DESTINATION: &str = "surety-original-destination";
     /// The consumer group that dead-lettered the message.
     pub const CONSUMER_GROUP: &str = "surety-consumer-group";
+    /// On a receipt: the id of the message it reports on.
+    pub const RECEIPT_FOR: &str = "surety-receipt-for";
+    /// On a receipt: `completed` or `failed`.
+    pub const RECEIPT_OUTCOME: &str = "surety-receipt-outcome";
+    /// On a failed receipt: the business reason.
+    pub const RECEIPT_REASON: &str = "surety-receipt-reason";
     /// The payload's media type (`application/json` for [`crate::Json`]).
     pub const CONTENT_TYPE: &str = "content-type";
     /// The prefix reserved for Surety's own headers.

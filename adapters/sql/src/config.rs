@@ -19,22 +19,25 @@ pub struct TableNames {
     pub inbox: String,
     /// The applied migrations.
     pub migrations: String,
+    /// The audit of dead-letter re-drives (`surety dlq redrive`), see [`crate::DlqAudit`].
+    pub audit: String,
 }
 
 impl Default for TableNames {
-    /// `surety_outbox`, `surety_inbox`, `surety_migrations`.
+    /// `surety_outbox`, `surety_inbox`, `surety_migrations`, `surety_dlq_audit`.
     fn default() -> Self {
         TableNames::prefixed("surety")
     }
 }
 
 impl TableNames {
-    /// `<prefix>_outbox`, `<prefix>_inbox`, `<prefix>_migrations`.
+    /// `<prefix>_outbox`, `<prefix>_inbox`, `<prefix>_migrations`, `<prefix>_dlq_audit`.
     pub fn prefixed(prefix: &str) -> Self {
         TableNames {
             outbox: format!("{prefix}_outbox"),
             inbox: format!("{prefix}_inbox"),
             migrations: format!("{prefix}_migrations"),
+            audit: format!("{prefix}_dlq_audit"),
         }
     }
 
@@ -43,13 +46,16 @@ impl TableNames {
         validate_table_name(&self.outbox)?;
         validate_table_name(&self.inbox)?;
         validate_table_name(&self.migrations)?;
-        if self.outbox == self.inbox
-            || self.outbox == self.migrations
-            || self.inbox == self.migrations
-        {
+        validate_table_name(&self.audit)?;
+        let names = [&self.outbox, &self.inbox, &self.migrations, &self.audit];
+        let distinct = names
+            .iter()
+            .enumerate()
+            .all(|(i, a)| names[i + 1..].iter().all(|b| a != b));
+        if !distinct {
             return Err(Error::new(
                 ErrorKind::Configuration,
-                "the outbox, inbox and migrations tables need distinct names",
+                "the outbox, inbox, migrations and audit tables need distinct names",
             ));
         }
         Ok(())
@@ -89,7 +95,8 @@ pub struct StoreConfig {
     pub tables: TableNames,
     /// Largest message accepted at enqueue (payload, key and headers), in bytes.
     pub max_message_size: usize,
-    /// How long sent outbox rows are kept before [`crate::SqlStore::cleanup`] deletes them.
+    /// How long sent (and, with receipts, completed or failed) outbox rows are kept before
+    /// [`crate::SqlStore::cleanup`] deletes them.
     pub sent_retention: Duration,
     /// How long inbox keys are kept: a duplicate arriving later than this is applied again.
     pub inbox_retention: Duration,
@@ -99,11 +106,14 @@ pub struct StoreConfig {
     pub busy_timeout: Duration,
     /// Connections in the pool [`crate::SqlStore::connect`] opens.
     pub max_connections: u32,
+    /// Receipts (off by default): when set, a sent row with no consumer receipt after this
+    /// long is published again by the relay (see [`crate::Receipts`]).
+    pub receipt_timeout: Option<Duration>,
 }
 
 impl Default for StoreConfig {
     /// Default tables, 4 MiB messages, 7 days of retention, batches of
-    /// 1000, a 5 s busy timeout, 8 connections.
+    /// 1000, a 5 s busy timeout, 8 connections, receipts off.
     fn default() -> Self {
         StoreConfig {
             tables: TableNames::default(),
@@ -113,6 +123,7 @@ impl Default for StoreConfig {
             cleanup_batch: 1000,
             busy_timeout: Duration::from_secs(5),
             max_connections: 8,
+            receipt_timeout: None,
         }
     }
 }
@@ -127,6 +138,12 @@ impl StoreConfig {
     /// Replaces the size limit.
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;
+        self
+    }
+
+    /// Turns receipts on: sent rows without a receipt after `timeout` are published again.
+    pub fn receipts(mut self, timeout: Duration) -> Self {
+        self.receipt_timeout = Some(timeout);
         self
     }
 
@@ -163,7 +180,18 @@ mod tests {
             outbox: "a".into(),
             inbox: "a".into(),
             migrations: "m".into(),
+            audit: "d".into(),
         };
         assert!(same.validate().is_err());
+        let audit_clash = TableNames {
+            audit: "surety_outbox".into(),
+            ..TableNames::default()
+        };
+        assert!(audit_clash.validate().is_err());
+        let bad_audit = TableNames {
+            audit: "x; drop table y".into(),
+            ..TableNames::default()
+        };
+        assert!(bad_audit.validate().is_err());
     }
 }

@@ -25,6 +25,11 @@
 //!   [`WithSqlHalfMessages`] wraps a whole broker (RabbitMQ, Kafka) so its
 //!   `transactional_publisher` is backed by this store.
 //!
+//! - **Receipts** ([`Receipts`], off by default): the consumer reports completion or a
+//!   business failure back; completed rows become `COMPLETED`, failures run the producer's
+//!   compensation once, and rows without a receipt are re-delivered after
+//!   [`StoreConfig::receipt_timeout`].
+//!
 //! Delivery is at least once: a relay that dies after the broker's confirm and before it
 //! marks the row sent publishes the row again after the lease expires. Consumers absorb
 //! that with the inbox (the message id is stable).
@@ -32,18 +37,22 @@
 //! Errors are [`surety_core::Error`]s: `Unavailable` when the database cannot be reached,
 //! `Storage` for other database failures (with a retry verdict), `Configuration` for bad
 //! table names or URLs. No error carries a connection URL.
+#![deny(missing_docs)]
 
+mod audit;
 mod broker;
 mod config;
 mod error;
 mod inbox;
 mod outbox;
 mod prepared;
+mod receipts;
 mod relay;
 mod sql;
 mod store;
 mod worker;
 
+pub use audit::{AuditRecord, DlqAudit, RedriveAudit};
 pub use broker::WithSqlHalfMessages;
 pub use config::{MAX_TABLE_NAME_LEN, StoreConfig, TableNames, validate_table_name};
 pub use inbox::{Inbox, InboxOutcome, MAX_CONSUMER_NAME_LEN};
@@ -51,6 +60,9 @@ pub use outbox::Outbox;
 pub use prepared::{
     CheckExhausted, CheckStats, Checker, CheckerConfig, PreparedId, PreparedMessages,
     SqlTransactionalPublisher,
+};
+pub use receipts::{
+    Failure, ReceiptHandler, ReceiptOutcome, Receipts, parse_receipt, receipt_message,
 };
 pub use relay::{Relay, RelayConfig, RelayStats};
 pub use sql::Dialect;

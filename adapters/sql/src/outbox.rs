@@ -34,7 +34,7 @@ impl Outbox {
     ///
     /// The message is validated first (destination, headers, and the size against
     /// [`crate::StoreConfig::max_message_size`]): an invalid or oversized message is an
-    /// [`ErrorKind::InvalidMessage`] error and nothing is written. A second message with
+    /// [`ErrorKind::InvalidMessage`](surety_core::ErrorKind::InvalidMessage) error and nothing is written. A second message with
     /// the same id is refused the same way (the id is the deduplication key).
     pub async fn enqueue<C: SqlConnection>(&self, conn: &mut C, message: &Message) -> Result<()> {
         self.check(message)?;

@@ -112,6 +112,12 @@ impl Relay {
 
     /// Leases one batch of due rows, publishes it and records the outcomes.
     pub async fn run_once(&self) -> Result<RelayStats> {
+        if let Some(timeout) = self.store.config().receipt_timeout {
+            // Receipts on: a sent row the consumer never confirmed is due again.
+            self.store
+                .redeliver_overdue(timeout, self.config.batch_size)
+                .await?;
+        }
         let entries = self
             .store
             .claim_due(&self.owner, self.config.lease, self.config.batch_size)

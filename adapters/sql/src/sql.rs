@@ -1,6 +1,6 @@
 //! Every SQL statement of the store, as templates.
 //!
-//! Templates name tables as `{outbox}`, `{inbox}`, `{migrations}` and the two dialect
+//! Templates name tables as `{outbox}`, `{inbox}`, `{migrations}`, `{audit}` and the two dialect
 //! differences as `{now}` (the database clock in milliseconds since the Unix epoch) and
 //! `{skip_locked}` (`FOR UPDATE SKIP LOCKED` on PostgreSQL, nothing on SQLite, whose
 //! single writer serialises claims). [`Sql::render`] substitutes only validated table names
@@ -75,12 +75,19 @@ pub(crate) mod state {
     pub const PENDING: &str = "PENDING";
     pub const SENT: &str = "SENT";
     pub const DEAD: &str = "DEAD";
+    pub const COMPLETED: &str = "COMPLETED";
+    pub const FAILED: &str = "FAILED";
 }
 
 /// The migrations shipped with the crate, in order: version, name, template.
 pub(crate) const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "outbox", include_str!("../migrations/0001_outbox.sql")),
     (2, "inbox", include_str!("../migrations/0002_inbox.sql")),
+    (
+        3,
+        "dlq_audit",
+        include_str!("../migrations/0003_dlq_audit.sql"),
+    ),
 ];
 
 const CREATE_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS {migrations} (
@@ -187,8 +194,27 @@ const DEAD_PREPARED: &str = "UPDATE {outbox}
 /// Deletes up to `$2` sent rows untouched for `$1` ms.
 const CLEANUP_OUTBOX: &str = "DELETE FROM {outbox} WHERE id IN (
         SELECT id FROM {outbox}
-        WHERE state = 'SENT' AND updated_at < {now} - $1
+        WHERE state IN ('SENT', 'COMPLETED', 'FAILED') AND updated_at < {now} - $1
         LIMIT $2)";
+
+/// A receipt: `$1` message id, `$2` new state (COMPLETED or FAILED), `$3` the business
+/// reason of a failure. Only a row still waiting for its receipt changes (PENDING too: the
+/// receipt can overtake the relay's mark-sent), so a repeated receipt changes nothing.
+const APPLY_RECEIPT: &str = "UPDATE {outbox}
+    SET state = $2, last_error = $3, lease_owner = NULL, lease_until = NULL, updated_at = {now}
+    WHERE message_id = $1 AND state IN ('PENDING', 'SENT')
+    RETURNING {columns}";
+
+/// Sent rows whose receipt is overdue (`$1` ms) go back to PENDING, due now, at most `$2`.
+const REDELIVER_OVERDUE: &str = "UPDATE {outbox}
+    SET state = 'PENDING', due_at = {now}, last_error = 'no receipt within the receipt timeout',
+        updated_at = {now}
+    WHERE id IN (
+        SELECT id FROM {outbox}
+        WHERE state = 'SENT' AND updated_at < {now} - $1
+        ORDER BY updated_at
+        LIMIT $2
+        {skip_locked})";
 
 const INBOX_INSERT: &str = "INSERT INTO {inbox} (consumer_name, message_id, processed_at)
     VALUES ($1, $2, {now})
@@ -199,6 +225,16 @@ const CLEANUP_INBOX: &str = "DELETE FROM {inbox} WHERE (consumer_name, message_i
         SELECT consumer_name, message_id FROM {inbox}
         WHERE processed_at < {now} - $1
         LIMIT $2)";
+
+const AUDIT_INSERT: &str = "INSERT INTO {audit}
+    (actor, adapter, message_id, from_destination, to_destination, consumer_group, redriven_at)
+    VALUES ($1, $2, $3, $4, $5, $6, {now})
+    RETURNING id, redriven_at";
+
+/// `$1` after id, `$2` limit.
+const AUDIT_LIST: &str = "SELECT id, actor, adapter, message_id, from_destination, to_destination,
+        consumer_group, redriven_at
+    FROM {audit} WHERE id > $1 ORDER BY id LIMIT $2";
 
 /// PostgreSQL: serialises concurrent migrators (`$1` the migrations table's name).
 pub(crate) const PG_MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext($1))";
@@ -229,8 +265,12 @@ pub(crate) struct Sql {
     pub rollback_prepared: SqlStr,
     pub dead_prepared: SqlStr,
     pub cleanup_outbox: SqlStr,
+    pub apply_receipt: SqlStr,
+    pub redeliver_overdue: SqlStr,
     pub inbox_insert: SqlStr,
     pub cleanup_inbox: SqlStr,
+    pub audit_insert: SqlStr,
+    pub audit_list: SqlStr,
 }
 
 impl Sql {
@@ -243,6 +283,7 @@ impl Sql {
                 .replace("{outbox}", &tables.outbox)
                 .replace("{inbox}", &tables.inbox)
                 .replace("{migrations}", &tables.migrations)
+                .replace("{audit}", &tables.audit)
                 .replace("{now}", dialect.now())
                 .replace("{skip_locked}", dialect.skip_locked())
                 .replace("{id_column}", dialect.id_column())
@@ -275,8 +316,12 @@ impl Sql {
             rollback_prepared: fill(ROLLBACK_PREPARED),
             dead_prepared: fill(DEAD_PREPARED),
             cleanup_outbox: fill(CLEANUP_OUTBOX),
+            apply_receipt: fill(APPLY_RECEIPT),
+            redeliver_overdue: fill(REDELIVER_OVERDUE),
             inbox_insert: fill(INBOX_INSERT),
             cleanup_inbox: fill(CLEANUP_INBOX),
+            audit_insert: fill(AUDIT_INSERT),
+            audit_list: fill(AUDIT_LIST),
         }
     }
 }
@@ -294,6 +339,8 @@ mod tests {
                 &sql.insert,
                 &sql.cleanup_inbox,
                 &sql.check_candidates,
+                &sql.audit_insert,
+                &sql.audit_list,
             ] {
                 assert!(!s.as_str().contains('{'), "{}", s.as_str());
             }

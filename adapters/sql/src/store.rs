@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::future::BoxFuture;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
-use sqlx::{PgConnection, Row, SqliteConnection};
+use sqlx::{PgConnection, Row, SqlStr, SqliteConnection};
 use surety_core::{Error, ErrorKind, Message, MessageId, Result, telemetry};
 
 use crate::config::StoreConfig;
@@ -33,6 +33,7 @@ macro_rules! with_pool {
         }
     };
 }
+pub(crate) use with_pool;
 
 /// Where an outbox row is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -46,6 +47,11 @@ pub enum EntryState {
     Sent,
     /// Attempts (or check-backs) ran out: listed for an operator, re-drivable.
     Dead,
+    /// The consumer's receipt said it was processed (receipts only).
+    Completed,
+    /// The consumer's receipt reported a business failure and the producer compensated
+    /// (receipts only); `last_error` holds the reason.
+    Failed,
 }
 
 impl EntryState {
@@ -56,15 +62,19 @@ impl EntryState {
             EntryState::Pending => state::PENDING,
             EntryState::Sent => state::SENT,
             EntryState::Dead => state::DEAD,
+            EntryState::Completed => state::COMPLETED,
+            EntryState::Failed => state::FAILED,
         }
     }
 
     /// Every state, for reports.
-    pub const ALL: [EntryState; 4] = [
+    pub const ALL: [EntryState; 6] = [
         EntryState::Prepared,
         EntryState::Pending,
         EntryState::Sent,
         EntryState::Dead,
+        EntryState::Completed,
+        EntryState::Failed,
     ];
 
     fn parse(text: &str) -> Result<Self> {
@@ -355,6 +365,11 @@ impl SqlStore {
         Ok(())
     }
 
+    /// The audit of dead-letter re-drives.
+    pub fn dlq_audit(&self) -> crate::DlqAudit {
+        crate::DlqAudit::new(self.clone())
+    }
+
     /// The outbox: enqueue in the application's transaction, inspect, re-drive.
     pub fn outbox(&self) -> crate::Outbox {
         crate::Outbox::new(self.clone())
@@ -370,40 +385,96 @@ impl SqlStore {
         crate::Inbox::new(self.clone())
     }
 
+    /// Receipts from consumers: completion and business failure (see [`crate::Receipts`]).
+    pub fn receipts(&self) -> crate::Receipts {
+        crate::Receipts::new(self.clone())
+    }
+
     /// Deletes, in batches, sent outbox rows older than [`StoreConfig::sent_retention`]
     /// and inbox keys older than [`StoreConfig::inbox_retention`].
     pub async fn cleanup(&self) -> Result<CleanupStats> {
         let config = &self.inner.config;
         let sql = &self.inner.sql;
         let batch = i64::try_from(config.cleanup_batch.max(1)).unwrap_or(i64::MAX);
-        let mut stats = CleanupStats::default();
-        loop {
-            let n = with_pool!(&self.inner.pool, p => sqlx::query(sql.cleanup_outbox.clone())
-                .bind(millis(config.sent_retention))
-                .bind(batch)
-                .execute(p)
-                .await
-                .map(|r| r.rows_affected()))
-            .map_err(|e| storage("clean up the outbox", e))?;
-            stats.outbox_rows += n;
-            if n < batch as u64 {
-                break;
-            }
-        }
-        loop {
-            let n = with_pool!(&self.inner.pool, p => sqlx::query(sql.cleanup_inbox.clone())
-                .bind(millis(config.inbox_retention))
-                .bind(batch)
-                .execute(p)
-                .await
-                .map(|r| r.rows_affected()))
-            .map_err(|e| storage("clean up the inbox", e))?;
-            stats.inbox_keys += n;
-            if n < batch as u64 {
-                break;
-            }
-        }
+        let outbox_rows = self
+            .delete_in_batches(
+                &sql.cleanup_outbox,
+                config.sent_retention,
+                batch,
+                "clean up the outbox",
+            )
+            .await?;
+        let inbox_keys = self
+            .delete_in_batches(
+                &sql.cleanup_inbox,
+                config.inbox_retention,
+                batch,
+                "clean up the inbox",
+            )
+            .await?;
+        let stats = CleanupStats {
+            outbox_rows,
+            inbox_keys,
+        };
         Ok(stats)
+    }
+
+    /// Runs a `(retention, batch)` delete until a batch comes back short, so no single
+    /// statement holds locks on a large table for long. Returns the rows deleted.
+    async fn delete_in_batches(
+        &self,
+        statement: &SqlStr,
+        retention: Duration,
+        batch: i64,
+        operation: &'static str,
+    ) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let n = with_pool!(&self.inner.pool, p => sqlx::query(statement.clone())
+                .bind(millis(retention))
+                .bind(batch)
+                .execute(p)
+                .await
+                .map(|r| r.rows_affected()))
+            .map_err(|e| storage(operation, e))?;
+            total += n;
+            if n < batch as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Sent rows whose receipt is older than `timeout` go back to PENDING (due now), at most
+    /// `limit`. Returns how many.
+    pub(crate) async fn redeliver_overdue(&self, timeout: Duration, limit: usize) -> Result<u64> {
+        let sql = &self.inner.sql;
+        with_pool!(&self.inner.pool, p => sqlx::query(sql.redeliver_overdue.clone())
+            .bind(millis(timeout))
+            .bind(i64::try_from(limit.max(1)).unwrap_or(i64::MAX))
+            .execute(p)
+            .await
+            .map(|r| r.rows_affected()))
+        .map_err(|e| storage("re-deliver rows without a receipt", e))
+    }
+
+    /// Records a receipt on the store's own pool. Returns the row when it changed.
+    pub(crate) async fn apply_receipt(
+        &self,
+        message_id: &MessageId,
+        state: EntryState,
+        reason: Option<&str>,
+    ) -> Result<Option<OutboxEntry>> {
+        let sql = &self.inner.sql;
+        with_pool!(&self.inner.pool, p => {
+            let rows = sqlx::query(sql.apply_receipt.clone())
+                .bind(message_id.as_str())
+                .bind(state.as_str())
+                .bind(reason)
+                .fetch_all(p)
+                .await
+                .map_err(|e| storage("record a receipt", e))?;
+            Ok(decode_all(rows)?.pop())
+        })
     }
 
     /// Rows per state (states without rows are absent). Also sets the
@@ -711,6 +782,15 @@ pub trait SqlConnection: sealed::Sealed + sqlx::Connection + Send + 'static {
     ) -> BoxFuture<'a, Result<bool>>;
 
     #[doc(hidden)]
+    fn apply_receipt<'a>(
+        &'a mut self,
+        store: &'a SqlStore,
+        message_id: &'a str,
+        state: &'static str,
+        reason: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Option<OutboxEntry>>>;
+
+    #[doc(hidden)]
     fn begin_on(store: &SqlStore) -> BoxFuture<'_, Result<sqlx::Transaction<'static, Self::Db>>>;
 }
 
@@ -793,6 +873,28 @@ macro_rules! impl_sql_connection {
                         .await
                         .map(|r| r.rows_affected() == 1)
                         .map_err(|e| storage("record an inbox key", e))
+                })
+            }
+
+            fn apply_receipt<'a>(
+                &'a mut self,
+                store: &'a SqlStore,
+                message_id: &'a str,
+                state: &'static str,
+                reason: Option<&'a str>,
+            ) -> BoxFuture<'a, Result<Option<OutboxEntry>>> {
+                Box::pin(async move {
+                    if store.dialect() != Self::DIALECT {
+                        return Err(wrong_database(store.dialect(), Self::DIALECT));
+                    }
+                    let rows = sqlx::query(store.inner.sql.apply_receipt.clone())
+                        .bind(message_id)
+                        .bind(state)
+                        .bind(reason)
+                        .fetch_all(&mut *self)
+                        .await
+                        .map_err(|e| storage("record a receipt", e))?;
+                    Ok(decode_all(rows)?.pop())
                 })
             }
 

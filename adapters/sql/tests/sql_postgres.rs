@@ -46,6 +46,11 @@ async fn database_lost_between_confirm_and_mark_sent_publishes_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_complete_compensate_once_and_redeliver_when_missing() {
+    s::receipts(Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_down_is_a_typed_error() {
     s::database_down(Postgres).await;
 }

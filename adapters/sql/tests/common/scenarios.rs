@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use surety_core::{Delivery, Handler, Outcome};
 use surety_core::{
     ErrorKind, LocalTransaction, Message, Publisher, TransactionalPublisher, TxOutcome, TxState,
     check_back_fn,
@@ -11,6 +12,7 @@ use surety_sql::{
     CheckExhausted, Checker, CheckerConfig, EntryState, InboxOutcome, Relay, RelayConfig, SqlStore,
     SqlTransactionalPublisher, StoreConfig, TableNames,
 };
+use surety_sql::{Failure, ReceiptHandler, ReceiptOutcome, receipt_message};
 
 use super::*;
 
@@ -694,7 +696,10 @@ pub async fn database_read_only(kind: Kind) {
     }
     .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Storage, "{e}");
-    assert!(e.is_retryable(), "a read-only database may become writable: {e}");
+    assert!(
+        e.is_retryable(),
+        "a read-only database may become writable: {e}"
+    );
 
     let e = relay_on(&read_only, &f, RetryPolicy::default())
         .run_once()
@@ -704,7 +709,11 @@ pub async fn database_read_only(kind: Kind) {
     assert!(e.is_retryable(), "{e}");
     read_only.close().await;
     for m in &committed {
-        assert_eq!(f.publisher.count(m.id()), 0, "published from a read-only pass");
+        assert_eq!(
+            f.publisher.count(m.id()),
+            0,
+            "published from a read-only pass"
+        );
         let entry = f.state_of(m.id()).await.unwrap();
         assert_eq!(entry.state, EntryState::Pending);
         assert_eq!(entry.attempts, 0, "a failed lease counted an attempt");
@@ -750,7 +759,11 @@ pub async fn database_lost_between_confirm_and_mark_sent(kind: Kind) {
     for m in &committed {
         assert_eq!(f.publisher.count(m.id()), 1, "confirmed once");
         let entry = f.state_of(m.id()).await.unwrap();
-        assert_eq!(entry.state, EntryState::Pending, "marked sent without a database");
+        assert_eq!(
+            entry.state,
+            EntryState::Pending,
+            "marked sent without a database"
+        );
     }
 
     // After the lease runs out, a restarted relay publishes the batch again.
@@ -758,7 +771,11 @@ pub async fn database_lost_between_confirm_and_mark_sent(kind: Kind) {
     let stats = relay(&f, RetryPolicy::default()).drain().await.unwrap();
     assert_eq!(stats.sent, 4, "{stats:?}");
     for m in &committed {
-        assert_eq!(f.publisher.count(m.id()), 2, "published again after the restart");
+        assert_eq!(
+            f.publisher.count(m.id()),
+            2,
+            "published again after the restart"
+        );
         assert_eq!(f.state_of(m.id()).await.unwrap().state, EntryState::Sent);
     }
     f.cleanup().await;
@@ -792,6 +809,124 @@ impl Publisher for CloseAfterConfirm {
         self.store.close().await;
         Ok(receipt)
     }
+}
+
+/// Receipts: `completed` makes the row COMPLETED (a repeat changes nothing); a business
+/// failure runs the compensation once however often its receipt arrives; a row without a
+/// receipt is published again after the timeout; a stranger on the receipt destination is
+/// rejected; completed and failed rows are cleaned up after the retention.
+pub async fn receipts(kind: Kind) {
+    let f = Fixture::with_config(kind, |c| {
+        c.receipts(Duration::from_millis(300))
+            .retention(Duration::from_millis(200), Duration::from_secs(3600))
+    })
+    .await;
+    let messages: Vec<Message> = (0..3).map(order).collect();
+    f.place_orders(&messages, true).await;
+    let relay = relay(&f, RetryPolicy::default());
+    assert_eq!(relay.drain().await.unwrap().sent, 3);
+
+    let receipts = f.store.receipts();
+    assert!(receipts.complete(messages[0].id()).await.unwrap());
+    assert!(
+        !receipts.complete(messages[0].id()).await.unwrap(),
+        "a repeat"
+    );
+    let unknown = order(1000);
+    assert!(!receipts.complete(unknown.id()).await.unwrap());
+    assert_eq!(
+        f.state_of(messages[0].id()).await.unwrap().state,
+        EntryState::Completed
+    );
+
+    // The compensation writes one row per failed message into the business table.
+    let compensation = format!("INSERT INTO {}_effects (message_id) VALUES ($1)", f.prefix);
+    let failed = receipt_message(
+        &messages[1],
+        "orders.receipts",
+        &ReceiptOutcome::Failed {
+            reason: "out of stock".into(),
+        },
+    );
+    let delivery = Delivery {
+        message: failed,
+        attempt: 1,
+        group: "orders-producer".into(),
+    };
+    let stranger = Delivery {
+        message: Message::new("orders.receipts", "hello"),
+        attempt: 1,
+        group: "orders-producer".into(),
+    };
+    macro_rules! receipt_handler {
+        ($conn:ty) => {
+            ReceiptHandler::new(&f.store, move |conn: &mut $conn, failure: Failure| {
+                let sql = compensation.clone();
+                Box::pin(async move {
+                    sqlx::query(AssertSqlSafe(sql))
+                        .bind(failure.entry.message.id().as_str())
+                        .execute(&mut *conn)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| {
+                            surety_core::Error::new(ErrorKind::Storage, "compensate").with_source(e)
+                        })
+                })
+            })
+        };
+    }
+    let outcomes = match kind {
+        Kind::Postgres => {
+            let handler = receipt_handler!(sqlx::PgConnection);
+            let mut outcomes = Vec::new();
+            for d in [&delivery, &delivery, &stranger] {
+                outcomes.push(handler.handle(d).await.unwrap());
+            }
+            outcomes
+        }
+        Kind::Sqlite => {
+            let handler = receipt_handler!(sqlx::SqliteConnection);
+            let mut outcomes = Vec::new();
+            for d in [&delivery, &delivery, &stranger] {
+                outcomes.push(handler.handle(d).await.unwrap());
+            }
+            outcomes
+        }
+    };
+    assert_eq!(outcomes[0], Outcome::Ack);
+    assert_eq!(outcomes[1], Outcome::Ack);
+    assert!(
+        matches!(&outcomes[2], Outcome::Reject { reason } if reason.contains("not a receipt")),
+        "{:?}",
+        outcomes[2]
+    );
+    let compensations = f
+        .scalar(format!(
+            "SELECT COUNT(*) FROM {}_effects WHERE message_id = '{}'",
+            f.prefix,
+            messages[1].id()
+        ))
+        .await;
+    assert_eq!(compensations, 1, "compensated once for two receipts");
+    let entry = f.state_of(messages[1].id()).await.unwrap();
+    assert_eq!(entry.state, EntryState::Failed);
+    assert_eq!(entry.last_error.as_deref(), Some("out of stock"));
+
+    // No receipt for the third: the relay publishes it again after the timeout, and only it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(relay.drain().await.unwrap().sent, 1);
+    assert_eq!(f.publisher.count(messages[2].id()), 2);
+    assert_eq!(f.publisher.count(messages[0].id()), 1);
+    assert_eq!(f.publisher.count(messages[1].id()), 1);
+    assert!(receipts.complete(messages[2].id()).await.unwrap());
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cleaned = f.store.cleanup().await.unwrap();
+    assert_eq!(cleaned.outbox_rows, 3, "{cleaned:?}");
+    for m in &messages {
+        assert!(f.state_of(m.id()).await.is_none());
+    }
+    f.cleanup().await;
 }
 
 // Keep the trait in scope for `publish` on the counting publisher in callers.
