@@ -34,6 +34,9 @@ pub(crate) async fn run(cli: &Cli) -> Outcome {
             ))
         };
     }
+    if let Command::Dlq { command } = &cli.command {
+        return crate::dlq::run(cli, command).await;
+    }
     let url = database_url(&cli.db)?;
     let url = url.as_str();
     // Every driver error passes through here, so none can carry the password out.
@@ -121,14 +124,14 @@ pub(crate) async fn run(cli: &Cli) -> Outcome {
             let store = connect(url, &cli.db, StoreConfig::default()).await?;
             inbox_status(&store, cli.json).await.map_err(fail)?;
         }
-        Command::Verify { .. } => unreachable!("handled above"),
+        Command::Verify { .. } | Command::Dlq { .. } => unreachable!("handled above"),
     }
     Ok(())
 }
 
 /// The URL from the flag or `SURETY_DATABASE_URL` (clap reads both), else
 /// `SURETY_POSTGRES_URL`.
-fn database_url(db: &DbArgs) -> Result<String, Failure> {
+pub(crate) fn database_url(db: &DbArgs) -> Result<String, Failure> {
     db.database_url
         .clone()
         .filter(|u| !u.is_empty())

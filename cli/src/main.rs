@@ -12,6 +12,15 @@
 //! surety outbox purge-completed --older-than 7d    delete SENT rows untouched that long
 //! surety inbox status                              processed keys per consumer
 //! surety verify --broker URL [--case NAME]...      conformance cases against a broker
+//! surety dlq list --broker URL --destination D --group G [--limit N]
+//!                                                  a group's broker-side dead letters
+//! surety dlq show <MESSAGE_ID> --broker URL --destination D --group G
+//!                                                  one of them: headers, reason, payload
+//! surety dlq redrive (<MESSAGE_ID>...|--all) --broker URL --destination D --group G
+//!                    [--actor NAME] [--audit-log FILE]
+//!                                                  back to the original destination,
+//!                                                  attempts reset, audited
+//! surety dlq audit [--limit N] [--audit-log FILE]  who re-drove what, when
 //! ```
 //!
 //! **Connection.** `--database-url` or `SURETY_DATABASE_URL` (falling back to
@@ -29,19 +38,33 @@
 //! (`--database-url`): they then run on `surety-sql`'s prepared-message store in tables
 //! prefixed `surety_verify`, apart from the application's outbox. Exit 1 if a case fails.
 //!
+//! **Dead letters.** `dlq` works on any adapter that implements
+//! [`surety_core::Broker::dead_letters`] (RabbitMQ's dead-letter queue, Kafka's DLQ
+//! topic, RocketMQ's `%DLQ%` group, memory); `--broker` or `SURETY_BROKER_URL` names it as
+//! for `verify`. Listing removes nothing. A re-drive publishes each message with confirm
+//! to its original destination (same id, attempt count reset) before removing the dead
+//! letter, then records who (`--actor`, default `$USER`), what (message id, from, to,
+//! adapter) and when: in the table `<prefix>_dlq_audit` when a database is configured
+//! (created by `surety migrate`; checked before anything is re-driven), else appended as
+//! JSON lines to `--audit-log` (`SURETY_DLQ_AUDIT_LOG`, default `surety-dlq-audit.jsonl`).
+//!
 //! **Output.** A table by default; `--json` prints one JSON document on stdout (errors
 //! as `{"error": {...}}` on stderr), for scripts.
 //!
 //! **Exit codes.** `0` success; `1` operational failure (database unreachable, bad
 //! URL, no dead row with that id...), printed as the typed Surety error with its kind
-//! and retry verdict; `2` usage error (unknown flag, missing argument).
+//! and retry verdict; `2` usage error (unknown flag, missing argument); `3` not found:
+//! `dlq show` found no such id, or `dlq redrive` did not find some of the ids (the ones
+//! found were re-driven and audited).
 //!
 //! The commands use `surety-sql`'s public API (`SqlStore::migrate`, `counts`, `lag`,
 //! `Outbox::dead`, `redrive`, `SqlStore::cleanup`); the per-destination counts, the
 //! oldest pending age and the inbox summary are read-only queries on the validated
 //! table names, because the store has no method for them.
 
+mod broker;
 mod commands;
+mod dlq;
 mod output;
 mod redact;
 mod verify;
@@ -102,6 +125,11 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: InboxCommand,
     },
+    /// Broker-side dead letters of a consumer group: list, show, re-drive, audit.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Run the conformance cases against a broker and print the guarantee matrix.
     Verify {
         /// memory:, amqp://user:pass@host:5672/vhost, kafka://host:9092 or
@@ -147,6 +175,78 @@ pub(crate) enum OutboxCommand {
     },
 }
 
+/// Which dead letters: a broker, a destination and one of its consumer groups.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct DlqTarget {
+    /// amqp://user:pass@host:5672/vhost, kafka://host:9092 or rocketmq://namesrv:9876.
+    #[arg(long, env = "SURETY_BROKER_URL", hide_env_values = true)]
+    pub broker: String,
+    /// The destination the group consumes (not its dead-letter destination).
+    #[arg(long)]
+    pub destination: String,
+    /// The consumer group whose dead letters these are.
+    #[arg(long)]
+    pub group: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum DlqCommand {
+    /// Dead letters, oldest first, with reason and attempts (listing removes nothing).
+    List {
+        #[command(flatten)]
+        target: DlqTarget,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// One dead letter: headers, reason, attempts, payload preview (binary shown as hex).
+    Show {
+        /// Its message id.
+        id: String,
+        #[command(flatten)]
+        target: DlqTarget,
+        /// Look among this many dead letters, oldest first.
+        #[arg(long, default_value_t = 10_000)]
+        scan: usize,
+    },
+    /// Publish dead letters back to their original destination (attempts reset, same id),
+    /// confirmed, and record who did it. Exit 3 if an id was not found.
+    Redrive {
+        /// Message ids to re-drive.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Every dead letter of the group.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        target: DlqTarget,
+        /// Who is re-driving, for the audit record (default: $USER).
+        #[arg(long)]
+        actor: Option<String>,
+        /// JSON-lines audit file, used when no database is configured.
+        #[arg(
+            long,
+            env = "SURETY_DLQ_AUDIT_LOG",
+            default_value = "surety-dlq-audit.jsonl"
+        )]
+        audit_log: std::path::PathBuf,
+    },
+    /// The re-drive audit records, newest last (the database's table when a database is
+    /// configured, else the JSON-lines file).
+    Audit {
+        /// At most this many (the most recent).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// JSON-lines audit file, used when no database is configured.
+        #[arg(
+            long,
+            env = "SURETY_DLQ_AUDIT_LOG",
+            default_value = "surety-dlq-audit.jsonl"
+        )]
+        audit_log: std::path::PathBuf,
+    },
+}
+
 #[derive(Subcommand, Debug)]
 pub(crate) enum InboxCommand {
     /// Processed keys per consumer, with the oldest and newest.
@@ -179,7 +279,7 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             output::print_error(&e, cli.json);
-            ExitCode::from(1)
+            ExitCode::from(e.exit_code)
         }
     }
 }

@@ -13,6 +13,8 @@ pub(crate) struct Failure {
     pub retryable: bool,
     /// The full error text: message, kind, verdict, context and cause.
     pub text: String,
+    /// The process exit code: 1, or 3 for ids that were not found.
+    pub exit_code: u8,
 }
 
 impl Failure {
@@ -30,6 +32,7 @@ impl Failure {
             kind: e.kind().to_string(),
             retryable: e.is_retryable(),
             text,
+            exit_code: 1,
         }
     }
 
@@ -39,6 +42,15 @@ impl Failure {
             kind: kind.to_owned(),
             retryable: false,
             text: text.into(),
+            exit_code: 1,
+        }
+    }
+
+    /// Selected ids that do not exist: exit code 3, so scripts can tell it apart.
+    pub fn not_found(text: impl Into<String>) -> Failure {
+        Failure {
+            exit_code: 3,
+            ..Failure::operational("not_found", text)
         }
     }
 }

@@ -146,42 +146,29 @@ async fn fixture(
                     .check_back_timeout(Duration::from_secs(10)),
             ))
         }
-        "amqp" | "amqps" => {
-            let config = surety_rabbitmq::RabbitConfig::from_url(url)?;
-            let broker = surety_rabbitmq::RabbitBroker::connect(config).await?;
-            let broker = with_half_messages(Arc::new(broker), database_url).await?;
+        "amqp" | "amqps" | "kafka" => {
+            let (adapter, broker) = crate::broker::connect(url).await?;
+            let broker = with_half_messages(broker, database_url).await?;
             Ok((
-                "rabbitmq",
-                Fixture::new(broker)
-                    .quiet_period(Duration::from_secs(1))
-                    .check_back_timeout(Duration::from_secs(30)),
-            ))
-        }
-        "kafka" => {
-            let config = surety_kafka::KafkaConfig::from_url(url)?;
-            let broker = surety_kafka::KafkaBroker::connect(config).await?;
-            let broker = with_half_messages(Arc::new(broker), database_url).await?;
-            Ok((
-                "kafka",
+                adapter,
                 Fixture::new(broker)
                     .quiet_period(Duration::from_secs(1))
                     .check_back_timeout(Duration::from_secs(30)),
             ))
         }
         "rocketmq" => {
-            let config = surety_rocketmq::RocketMqConfig::from_url(url)?;
-            let broker = surety_rocketmq::RocketMqBroker::connect(config).await?;
+            let (adapter, broker) = crate::broker::connect(url).await?;
             // RocketMQ checks half messages every few seconds after a few seconds.
             Ok((
-                "rocketmq",
-                Fixture::new(Arc::new(broker))
+                adapter,
+                Fixture::new(broker)
                     .quiet_period(Duration::from_secs(2))
                     .check_back_timeout(Duration::from_secs(40)),
             ))
         }
         _ => Err(Error::new(
             ErrorKind::Configuration,
-            "expected a memory:, amqp://, amqps://, kafka:// or rocketmq:// broker URL",
+            format!("expected a {} broker URL", crate::broker::SCHEMES),
         )),
     }
 }

@@ -561,3 +561,366 @@ fn verify_refuses_bad_input_and_fails_without_secrets() {
     );
     assert!(!all.contains(secret), "password printed: {all}");
 }
+
+// ---------------------------------------------------------------------------------------
+// dlq: poison -> `dlq list` shows it -> `dlq redrive` -> the consumer gets it -> audit
+
+/// The broker behind a URL, built in the test process to declare, consume and publish.
+async fn broker_for(url: &str) -> Arc<dyn Broker> {
+    let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or_default();
+    match scheme {
+        "amqp" => Arc::new(
+            surety_rabbitmq::RabbitBroker::connect(
+                surety_rabbitmq::RabbitConfig::from_url(url).unwrap(),
+            )
+            .await
+            .expect("RabbitMQ must be running"),
+        ),
+        "kafka" => Arc::new(
+            surety_kafka::KafkaBroker::connect(surety_kafka::KafkaConfig::from_url(url).unwrap())
+                .await
+                .expect("Kafka must be running"),
+        ),
+        "rocketmq" => Arc::new(
+            surety_rocketmq::RocketMqBroker::connect(
+                surety_rocketmq::RocketMqConfig::from_url(url).unwrap(),
+            )
+            .await
+            .expect("RocketMQ must be running"),
+        ),
+        other => panic!("no broker for scheme {other}"),
+    }
+}
+
+/// Where the audit goes in a run.
+enum AuditAt {
+    File(std::path::PathBuf),
+    Postgres { url: String, prefix: String },
+}
+
+impl AuditAt {
+    fn args(&self) -> Vec<String> {
+        match self {
+            AuditAt::File(path) => vec!["--audit-log".into(), path.display().to_string()],
+            AuditAt::Postgres { url, prefix } => vec![
+                "--database-url".into(),
+                url.clone(),
+                "--table-prefix".into(),
+                prefix.clone(),
+            ],
+        }
+    }
+}
+
+fn run_strings(args: &[String]) -> Output {
+    surety(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// The whole operator cycle on one broker, with the audit in `audit`.
+async fn dlq_cycle(url: &str, adapter: &str, audit: AuditAt) {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use surety_core::{Delivery, Outcome, Subscription, handler_fn};
+
+    let broker = broker_for(url).await;
+    let dest = unique("dlqcli").replace('_', "-");
+    let group = "billing";
+    broker
+        .declare(&Topology::new(&dest).group(group))
+        .await
+        .unwrap();
+    let healed = Arc::new(AtomicBool::new(false));
+    let seen: Arc<Mutex<Vec<Delivery>>> = Arc::default();
+    let (h, s) = (healed.clone(), seen.clone());
+    let handler = handler_fn(move |d: Delivery| {
+        let (h, s) = (h.clone(), s.clone());
+        async move {
+            s.lock().unwrap().push(d);
+            Ok(if h.load(Ordering::SeqCst) {
+                Outcome::Ack
+            } else {
+                Outcome::reject("total is negative")
+            })
+        }
+    });
+    let handle = broker
+        .subscriber()
+        .await
+        .unwrap()
+        .subscribe(
+            Subscription::new(&dest, group).retry(RetryPolicy::with_max_attempts(1)),
+            Arc::new(handler),
+        )
+        .await
+        .expect("subscribe");
+    let poison = [
+        Message::new(&dest, "order 1: total -5"),
+        Message::new(&dest, vec![0u8, 159, 146, 150, 255]),
+    ];
+    let publisher = broker.publisher().await.unwrap();
+    for m in &poison {
+        publisher.publish(m).await.unwrap();
+    }
+
+    let target: Vec<String> = [
+        "--broker",
+        url,
+        "--destination",
+        dest.as_str(),
+        "--group",
+        group,
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let cmd = |head: &[&str], tail: &[String]| -> Vec<String> {
+        let mut v: Vec<String> = head.iter().map(|s| (*s).to_owned()).collect();
+        v.extend(target.iter().cloned());
+        v.extend(tail.iter().cloned());
+        v
+    };
+
+    // `dlq list` shows both dead letters (once the consumer has rejected them).
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let listed = loop {
+        let out = run_strings(&cmd(&["dlq", "list", "--json"], &[]));
+        assert_eq!(out.status.code(), Some(0), "dlq list on {adapter} failed");
+        let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(doc["adapter"], adapter);
+        if doc["count"] == 2 || std::time::Instant::now() > deadline {
+            break doc;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let letters = listed["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 2, "{listed}");
+    for (letter, m) in letters.iter().zip(&poison) {
+        assert_eq!(letter["message_id"], m.id().as_str(), "{listed}");
+        assert!(
+            letter["reason"]
+                .as_str()
+                .unwrap()
+                .contains("total is negative"),
+            "{letter}"
+        );
+        assert_eq!(letter["attempts"], 1, "{letter}");
+        assert_eq!(letter["original_destination"], dest.as_str());
+    }
+    assert_eq!(letters[1]["payload_encoding"], "hex");
+    assert!(!listed.to_string().contains(":guest@"), "password printed");
+    // The table form; listing again removed nothing.
+    let out = run_strings(&cmd(&["dlq", "list"], &[]));
+    assert_eq!(out.status.code(), Some(0));
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(table.contains(poison[0].id().as_str()), "{table}");
+    assert!(table.contains(poison[1].id().as_str()), "{table}");
+    assert!(table.contains("total is negative"), "{table}");
+
+    // `dlq show`: one message, text and binary payloads both safe to print.
+    let out = run_strings(&cmd(&["dlq", "show", poison[0].id().as_str()], &[]));
+    assert_eq!(out.status.code(), Some(0));
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(shown.contains("order 1: total -5"), "{shown}");
+    assert!(shown.contains("total is negative"), "{shown}");
+    let out = run_strings(&cmd(
+        &["dlq", "show", poison[1].id().as_str(), "--json"],
+        &[],
+    ));
+    assert_eq!(out.status.code(), Some(0));
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["payload_preview"], "00 9f 92 96 ff", "{doc}");
+    let stranger = surety_core::MessageId::new();
+    let out = run_strings(&cmd(&["dlq", "show", stranger.as_str()], &[]));
+    assert_eq!(out.status.code(), Some(3), "an unknown id exits 3");
+
+    // Fixed: re-drive the first one by id (and an unknown one: exit 3, the rest done).
+    healed.store(true, Ordering::SeqCst);
+    let before = seen.lock().unwrap().len();
+    let mut tail = vec!["--actor".to_owned(), "alice".to_owned()];
+    tail.extend(audit.args());
+    let out = run_strings(&cmd(
+        &[
+            "dlq",
+            "redrive",
+            poison[0].id().as_str(),
+            stranger.as_str(),
+            "--json",
+        ],
+        &tail,
+    ));
+    assert_eq!(out.status.code(), Some(3), "an unknown id exits 3");
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["redriven"].as_array().unwrap().len(), 1, "{doc}");
+    assert_eq!(doc["redriven"][0]["message_id"], poison[0].id().as_str());
+    assert_eq!(doc["not_found"][0], stranger.as_str());
+    assert_eq!(doc["audited"], true);
+    // Then --all.
+    let mut tail = vec!["--actor".to_owned(), "bob".to_owned()];
+    tail.extend(audit.args());
+    let out = run_strings(&cmd(&["dlq", "redrive", "--all"], &tail));
+    assert_eq!(out.status.code(), Some(0));
+
+    // The consumer gets both back, from attempt 1.
+    let mut back = false;
+    for _ in 0..300 {
+        let all_back = {
+            let s = seen.lock().unwrap();
+            poison
+                .iter()
+                .all(|m| s[before..].iter().any(|d| d.message.id() == m.id()))
+        };
+        if all_back {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    handle.shutdown().await;
+    assert!(back, "re-driven messages reach the consumer");
+    for d in seen.lock().unwrap()[before..].iter() {
+        assert_eq!(d.attempt, 1, "attempts reset: {d:?}");
+    }
+    let out = run_strings(&cmd(&["dlq", "list", "--json"], &[]));
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["count"], 0, "nothing left: {doc}");
+
+    // The audit: who, what, when.
+    let mut args = vec!["dlq".to_owned(), "audit".to_owned(), "--json".to_owned()];
+    args.extend(audit.args());
+    let out = run_strings(&args);
+    assert_eq!(out.status.code(), Some(0));
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let records: Vec<&Value> = doc["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["to"] == dest.as_str())
+        .collect();
+    assert_eq!(records.len(), 2, "{doc}");
+    let dl = broker.dead_letter_destination(&dest, group);
+    for (r, (m, actor)) in records.iter().zip(poison.iter().zip(["alice", "bob"])) {
+        assert_eq!(r["message_id"], m.id().as_str(), "{r}");
+        assert_eq!(r["actor"], actor);
+        assert_eq!(r["adapter"], adapter);
+        assert_eq!(r["from"], dl.as_str());
+        assert_eq!(r["group"], group);
+        assert!(r["redriven_at_ms"].as_u64().unwrap() > 0);
+    }
+    if let AuditAt::Postgres { url, prefix } = &audit {
+        // The rows are in the table itself.
+        let store = SqlStore::connect(
+            url,
+            StoreConfig::default().tables(TableNames::prefixed(prefix)),
+        )
+        .await
+        .unwrap();
+        let rows = store.dlq_audit().list(0, 100).await.unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].entry.actor, "alice");
+        let pool = store.pg_pool().unwrap();
+        for table in ["outbox", "inbox", "migrations", "dlq_audit"] {
+            sqlx::query(AssertSqlSafe(format!("DROP TABLE {prefix}_{table}")))
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+        store.close().await;
+    }
+}
+
+fn rabbitmq_url() -> String {
+    env_or(
+        "SURETY_RABBITMQ_URL",
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+    )
+}
+
+async fn postgres_audit() -> AuditAt {
+    let prefix = unique("dlqaudit");
+    let url = postgres_url();
+    let out = surety(&["migrate", "--database-url", &url, "--table-prefix", &prefix]);
+    assert_eq!(out.status.code(), Some(0));
+    AuditAt::Postgres { url, prefix }
+}
+
+fn file_audit() -> AuditAt {
+    AuditAt::File(std::env::temp_dir().join(format!("{}.jsonl", unique("dlq_audit"))))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_rabbitmq_audit_in_a_file() {
+    dlq_cycle(&rabbitmq_url(), "rabbitmq", file_audit()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_rabbitmq_audit_in_postgres() {
+    dlq_cycle(&rabbitmq_url(), "rabbitmq", postgres_audit().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_kafka() {
+    let servers = env_or("SURETY_KAFKA_BOOTSTRAP", "127.0.0.1:9092");
+    dlq_cycle(&format!("kafka://{servers}"), "kafka", file_audit()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_rocketmq() {
+    let namesrv = env_or("SURETY_ROCKETMQ_NAMESRV", "127.0.0.1:9876");
+    dlq_cycle(
+        &format!("rocketmq://{namesrv}"),
+        "rocketmq",
+        postgres_audit().await,
+    )
+    .await;
+}
+
+#[test]
+fn dlq_usage_and_audit_without_records() {
+    // An id or --all, not both; --destination and --group needed.
+    let base = ["--broker", "memory:", "--destination", "d", "--group", "g"];
+    let with = |head: &[&str]| -> Vec<String> {
+        head.iter()
+            .chain(base.iter())
+            .map(|s| (*s).to_owned())
+            .collect()
+    };
+    assert_eq!(
+        run_strings(&with(&["dlq", "redrive"])).status.code(),
+        Some(2)
+    );
+    assert_eq!(
+        run_strings(&with(&["dlq", "redrive", "--all", "x"]))
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(
+        surety(&["dlq", "list", "--broker", "memory:"])
+            .status
+            .code(),
+        Some(2)
+    );
+    // An empty audit file (none yet) lists nothing.
+    let path = std::env::temp_dir().join(format!("{}.jsonl", unique("dlq_none")));
+    let doc = ok_json(&[
+        "dlq",
+        "audit",
+        "--json",
+        "--audit-log",
+        &path.display().to_string(),
+    ]);
+    assert_eq!(doc["records"].as_array().unwrap().len(), 0);
+    // A secret in a broker URL never reaches the output.
+    let secret = "dlq-secret-pw";
+    let bad = format!("amqp://guest:{secret}@127.0.0.1:1/%2f");
+    let mut args = vec!["dlq", "list", "--broker", bad.as_str()];
+    args.extend(&base[2..]);
+    let out = surety(&args);
+    assert_eq!(out.status.code(), Some(1));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!all.contains(secret), "password printed: {all}");
+}

@@ -14,6 +14,7 @@
 //! - [`Error`] with an [`ErrorKind`] and a retry verdict; [`Capabilities`] per adapter.
 //! - [`DeadLetters`]: list and re-drive a group's dead letters on any broker.
 //! - [`telemetry`]: every metric and span name.
+#![deny(missing_docs)]
 
 mod broker;
 mod capability;
@@ -48,7 +49,8 @@ pub use transaction::{
     TxState, check_back_fn, run_check_back, run_local_transaction,
 };
 
-#[allow(dead_code)]
+// Compile-time only: each argument proves one trait is object safe.
+#[allow(dead_code, clippy::too_many_arguments)]
 fn assert_object_safe(
     _: &dyn Publisher,
     _: &dyn TransactionalPublisher,

@@ -12,8 +12,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::util::Timeout;
 use surety_core::{
-    Broker, BrokerTransaction, Capabilities, Capability, Error, ErrorKind, Message, Publisher,
-    Receipt, Result, Subscriber, Topology, telemetry,
+    Broker, BrokerTransaction, Capabilities, Capability, DeadLetters, Error, ErrorKind, Message,
+    Publisher, Receipt, Result, Subscriber, Topology, telemetry,
 };
 use tracing::Instrument;
 
@@ -431,5 +431,14 @@ impl Broker for KafkaBroker {
 
     fn dead_letter_destination(&self, destination: &str, group: &str) -> String {
         KafkaBroker::dead_letter_topic(destination, group)
+    }
+
+    /// The group's dead-letter topic, with a re-drive cursor kept as the committed
+    /// offsets of the group `<group>.surety-redrive` (a log cannot delete): see
+    /// [`KafkaBroker::redrive_cursor_group`].
+    async fn dead_letters(&self) -> Result<Arc<dyn DeadLetters>> {
+        Ok(Arc::new(crate::dead_letters::KafkaDeadLetters {
+            inner: self.inner.clone(),
+        }))
     }
 }

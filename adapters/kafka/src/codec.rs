@@ -131,31 +131,6 @@ pub(crate) fn retry_message(
         .with_header(RETRY_OF, message.destination())
 }
 
-/// The dead letter of `message`: same id and payload, reason and attempts in headers.
-pub(crate) fn dead_letter_message(
-    message: &Message,
-    dead_letter: &str,
-    group: &str,
-    reason: &str,
-    attempts: u32,
-) -> Message {
-    message
-        .clone()
-        .with_destination(dead_letter)
-        .with_header(headers::DEAD_LETTER_REASON, sanitize_header(reason))
-        .with_header(headers::DEAD_LETTER_ATTEMPTS, attempts.to_string())
-        .with_header(headers::ORIGINAL_DESTINATION, message.destination())
-        .with_header(headers::CONSUMER_GROUP, group)
-}
-
-/// Header values carry no control characters; handler errors may.
-fn sanitize_header(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(1024)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

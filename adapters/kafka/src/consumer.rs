@@ -27,7 +27,7 @@ use rdkafka::message::OwnedMessage;
 use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
 use surety_core::{
     Delivery, Disposition, Error, ErrorKind, Handler, Result, Subscriber, Subscription,
-    SubscriptionHandle, decide, run_handler, telemetry,
+    SubscriptionHandle, dead_letter_message, decide, run_handler, telemetry,
 };
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::AbortHandle;
@@ -35,7 +35,7 @@ use tracing::Instrument;
 
 use crate::ADAPTER;
 use crate::broker::{Inner, KafkaBroker, blocking, validate_topic};
-use crate::codec::{dead_letter_message, decode, retry_message};
+use crate::codec::{decode, retry_message};
 use crate::config::create;
 
 /// A lane pauses its partition when this many records wait, and resumes it below

@@ -26,13 +26,13 @@ use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
 use surety_core::{
     Delivery, Disposition, Error, ErrorKind, HandlerError, HandlerFailure, Message, Result,
-    RetryPolicy, SubscriptionHandle, decide,
+    RetryPolicy, SubscriptionHandle, dead_letter_message, decide,
 };
 use tokio::sync::watch;
 
 use crate::ADAPTER;
 use crate::broker::{Inner, KafkaBroker, validate_topic};
-use crate::codec::{dead_letter_message, decode};
+use crate::codec::decode;
 use crate::config::create;
 use crate::error::{TxnClass, classify, delivery_error, transaction_error};
 use crate::transaction::transactional_producer;

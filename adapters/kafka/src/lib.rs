@@ -17,6 +17,7 @@
 //! | ack | offset commit, only after the handler's outcome was settled ([`surety_core::decide`]) |
 //! | `Retry` | unordered subscription: the record is re-published to the group's retry topic `<topic>.<group>.retry` with `surety-attempt` and a due time, and the source offset committed; the same subscription consumes the retry topic and holds a record until it is due. Ordered subscription: retried in place, blocking its partition |
 //! | dead letter | `<topic>.<group>.dlq` (or the subscription's own), with `surety-dead-letter-reason`, `surety-dead-letter-attempts`, `surety-original-destination`, `surety-consumer-group` |
+//! | dead-letter list / re-drive | [`Broker::dead_letters`](surety_core::Broker::dead_letters): reads `<topic>.<group>.dlq` from a re-drive cursor, the committed offsets of the group `<group>.surety-redrive` (a log cannot delete); re-driven records are confirmed at their origin before the cursor moves |
 //! | exactly-once read-process-write | [`KafkaBroker::exactly_once`]: outputs and consumer offsets in one transaction (`send_offsets_to_transaction`) |
 //!
 //! # Guarantees and how they are kept
@@ -83,11 +84,13 @@
 //! println!("stored at {:?}", receipt.position);
 //! # Ok(()) }
 //! ```
+#![deny(missing_docs)]
 
 mod broker;
 mod codec;
 mod config;
 mod consumer;
+mod dead_letters;
 pub mod eos;
 mod error;
 mod transaction;

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use surety_core::{
-    Broker, BrokerTransaction, Capabilities, Capability, CheckBack, Error, ErrorKind, Message,
-    Publisher, Receipt, Result, Subscriber, Topology, TransactionalPublisher, headers, telemetry,
-    validate_destination,
+    Broker, BrokerTransaction, Capabilities, Capability, CheckBack, DeadLetter, DeadLetters, Error,
+    ErrorKind, Message, Publisher, Receipt, RedriveReport, RedriveSelection, Result, Subscriber,
+    Topology, TransactionalPublisher, redrive_message, telemetry, validate_destination,
 };
 use tokio::sync::watch;
 
@@ -265,32 +265,6 @@ pub(crate) fn dead_letter_name(destination: &str, group: &str) -> String {
     format!("{destination}.{group}.dlq")
 }
 
-/// Builds the dead letter of `message`: same id, reason and attempts in headers.
-pub(crate) fn dead_letter_message(
-    message: &Message,
-    dead_letter: &str,
-    group: &str,
-    reason: &str,
-    attempts: u32,
-) -> Message {
-    message
-        .clone()
-        .with_destination(dead_letter)
-        .with_header(headers::DEAD_LETTER_REASON, sanitize_header(reason))
-        .with_header(headers::DEAD_LETTER_ATTEMPTS, attempts.to_string())
-        .with_header(headers::ORIGINAL_DESTINATION, message.destination())
-        .with_header(headers::CONSUMER_GROUP, group)
-}
-
-/// Header values carry no control characters; handler errors may.
-fn sanitize_header(text: &str) -> String {
-    let clean: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    clean.chars().take(1024).collect()
-}
-
 struct MemoryPublisher {
     shared: Arc<Shared>,
 }
@@ -376,6 +350,100 @@ impl Broker for MemoryBroker {
 
     fn dead_letter_destination(&self, destination: &str, group: &str) -> String {
         dead_letter_name(destination, group)
+    }
+
+    async fn dead_letters(&self) -> Result<Arc<dyn DeadLetters>> {
+        Ok(Arc::new(MemoryDeadLetters {
+            shared: self.shared.clone(),
+        }))
+    }
+}
+
+/// Dead letters are the log of the group's dead-letter destination: listing reads it,
+/// a re-drive publishes the message to its origin and then removes it from that log (and
+/// from the queues of any group reading the dead-letter destination, except deliveries
+/// in flight).
+struct MemoryDeadLetters {
+    shared: Arc<Shared>,
+}
+
+impl MemoryDeadLetters {
+    /// The dead letters of `group` on `destination`, oldest first, with their index.
+    fn snapshot(&self, destination: &str, group: &str) -> Result<Vec<Message>> {
+        let name = dead_letter_name(destination, group);
+        let state = self.shared.lock();
+        let dest = state.destinations.get(&name).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Configuration,
+                format!(
+                    "dead-letter destination {name:?} is not declared (declare {destination:?} with dead letters for group {group:?})"
+                ),
+            )
+            .with_context("adapter", ADAPTER)
+            .with_context("destination", name.clone())
+        })?;
+        Ok(dest.log.clone())
+    }
+
+    /// Removes one stored copy of `message` from the dead-letter destination `name`.
+    fn remove(&self, name: &str, message: &Message) {
+        let mut state = self.shared.lock();
+        let Some(dest) = state.destinations.get_mut(name) else {
+            return;
+        };
+        if let Some(i) = dest.log.iter().position(|m| m == message) {
+            dest.log.remove(i);
+        }
+        for group in dest.groups.values_mut() {
+            if let Some(i) = group.queue.iter().position(|e| &e.message == message) {
+                group.queue.remove(i);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl DeadLetters for MemoryDeadLetters {
+    async fn list(&self, destination: &str, group: &str, limit: usize) -> Result<Vec<DeadLetter>> {
+        Ok(self
+            .snapshot(destination, group)?
+            .into_iter()
+            .take(limit)
+            .enumerate()
+            .map(|(i, m)| DeadLetter::from_message(m, Some(format!("index {i}"))))
+            .collect())
+    }
+
+    async fn redrive(
+        &self,
+        destination: &str,
+        group: &str,
+        selection: &RedriveSelection,
+    ) -> Result<RedriveReport> {
+        let name = dead_letter_name(destination, group);
+        let stored = self.snapshot(destination, group)?;
+        let mut report = RedriveReport::default();
+        let chosen: Vec<Message> = match selection {
+            RedriveSelection::All => stored,
+            RedriveSelection::Ids(ids) => {
+                for id in ids {
+                    if !stored.iter().any(|m| m.id() == id) && !report.not_found.contains(id) {
+                        report.not_found.push(id.clone());
+                    }
+                }
+                stored
+                    .into_iter()
+                    .filter(|m| ids.contains(m.id()))
+                    .collect()
+            }
+        };
+        for dead in chosen {
+            // Confirmed at the origin first, removed second: never lost in between.
+            let receipt = self.shared.publish(&redrive_message(&dead, destination))?;
+            self.remove(&name, &dead);
+            report.redriven.push(receipt);
+        }
+        Ok(report)
     }
 }
 

@@ -6,13 +6,13 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use surety_core::{
-    Delivery, Disposition, Handler, Result, Subscriber, Subscription, SubscriptionHandle, decide,
-    run_handler, telemetry,
+    Delivery, Disposition, Handler, Result, Subscriber, Subscription, SubscriptionHandle,
+    dead_letter_message, decide, run_handler, telemetry,
 };
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::broker::{ADAPTER, Entry, Shared, dead_letter_message, dead_letter_name, take_next};
+use crate::broker::{ADAPTER, Entry, Shared, dead_letter_name, take_next};
 
 pub(crate) struct MemorySubscriber {
     shared: Arc<Shared>,

@@ -31,6 +31,7 @@
 //! publisher.publish(&Message::new("orders", "hello")).await?;
 //! # Ok(()) }
 //! ```
+#![deny(missing_docs)]
 
 mod broker;
 mod consumer;

@@ -4,13 +4,15 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use surety_core::{
-    Broker, BrokerTransaction, Capabilities, Capability, Publisher, Result, Subscriber, Topology,
+    Broker, BrokerTransaction, Capabilities, Capability, DeadLetters, Publisher, Result,
+    Subscriber, Topology,
 };
 
 use crate::ADAPTER;
 use crate::config::RabbitConfig;
 use crate::connection::Connector;
 use crate::consumer::RabbitSubscriber;
+use crate::dead_letters::RabbitDeadLetters;
 use crate::publisher::RabbitPublisher;
 use crate::topology::{self, Declarer};
 use crate::transaction::RabbitTransaction;
@@ -116,5 +118,11 @@ impl Broker for RabbitBroker {
 
     fn dead_letter_destination(&self, destination: &str, group: &str) -> String {
         topology::dead_letter_name(destination, group)
+    }
+
+    /// The group's dead-letter queue, read with `basic.get` and manual acks (see the
+    /// crate docs for what a listing does to the queue).
+    async fn dead_letters(&self) -> Result<Arc<dyn DeadLetters>> {
+        Ok(Arc::new(RabbitDeadLetters::new(self.connector.clone())))
     }
 }

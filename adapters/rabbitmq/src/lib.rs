@@ -67,6 +67,16 @@
 //! the group's delay queue for the longest backoff: kept, not hot-looping, and
 //! dead-lettered as soon as the destination exists.
 //!
+//! **Reading and re-driving dead letters** ([`surety_core::Broker::dead_letters`]): the
+//! group's dead-letter queue is walked with `basic.get` and manual acks on a channel of
+//! its own. Listing acks nothing and closes the channel, so every message goes back: it
+//! is then marked `redelivered` and a quorum queue counts one more delivery in its
+//! `x-delivery-count` (on RabbitMQ 4, whose quorum queues have a default delivery limit
+//! of 20, give the dead-letter queues a policy with a higher limit if operators list very
+//! often). A re-drive publishes each selected message with confirm to its original
+//! destination (attempt count reset, same id) and acks the dead letter only after the
+//! confirm; unselected messages, and one whose publish failed, return to the queue.
+//!
 //! **Recovery.** lapin's auto-recovery is not used. Publishers reopen their channel on
 //! the next publish (one connection attempt; a failure is
 //! [`Unavailable`](surety_core::ErrorKind::Unavailable), retryable); each subscription's
@@ -97,6 +107,7 @@
 //! broker.publisher().await?.publish(&Message::new("orders", "hello")).await?;
 //! # Ok(()) }
 //! ```
+#![deny(missing_docs)]
 
 mod broker;
 mod codec;
@@ -104,6 +115,7 @@ mod config;
 mod confirms;
 mod connection;
 mod consumer;
+mod dead_letters;
 mod error;
 mod publisher;
 mod topology;

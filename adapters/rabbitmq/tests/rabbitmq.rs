@@ -523,3 +523,195 @@ async fn returns_are_matched_to_their_own_publish_under_multiple_acks() {
         &wrong[..wrong.len().min(5)]
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Dead letters: list and re-drive (`Broker::dead_letters`)
+
+/// Poison messages dead-letter; listing shows them with reason and attempts and removes
+/// nothing; re-driving one id and then the rest brings each back to the consumer with
+/// attempt 1; nothing is lost; unknown ids are reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_without_loss_and_redriven_with_attempts_reset() {
+    use std::sync::atomic::AtomicBool;
+    use surety_core::{MessageId, RedriveSelection};
+
+    let broker = connect().await;
+    let dest = name("dlq");
+    broker
+        .declare(&Topology::new(&dest).group("g"))
+        .await
+        .unwrap();
+    let poison: Vec<Message> = (0..3)
+        .map(|i| Message::new(&dest, format!("poison {i}")).with_header("tenant", "t1"))
+        .collect();
+    let publisher = broker.publisher().await.unwrap();
+    for m in &poison {
+        publisher.publish(m).await.unwrap();
+    }
+    // Until healed, every delivery fails (retryable) and the message dead-letters after
+    // two attempts; once healed, the consumer accepts.
+    let healed = Arc::new(AtomicBool::new(false));
+    let h = healed.clone();
+    let (handle, seen) = collect(
+        &broker,
+        Subscription::new(&dest, "g").retry(
+            RetryPolicy::with_max_attempts(2)
+                .backoff(Duration::from_millis(10), Duration::from_millis(10)),
+        ),
+        move |_| {
+            if h.load(Ordering::SeqCst) {
+                Outcome::Ack
+            } else {
+                Outcome::retry()
+            }
+        },
+    )
+    .await;
+    assert!(
+        wait_for(Duration::from_secs(20), || seen.lock().unwrap().len() >= 6).await,
+        "each poison message is delivered twice"
+    );
+
+    let dead = broker.dead_letters().await.unwrap();
+    let mut listed = Vec::new();
+    for _ in 0..100 {
+        listed = dead.list(&dest, "g", 10).await.unwrap();
+        if listed.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    // In the order they were dead-lettered (retries interleave, so not publish order).
+    let expected: Vec<&MessageId> = listed.iter().map(|d| d.message.id()).collect();
+    for m in &poison {
+        assert!(expected.contains(&m.id()), "{} missing", m.id());
+    }
+    for d in &listed {
+        assert_eq!(d.attempts, Some(2), "{d:?}");
+        assert!(d.reason.as_deref().is_some_and(|r| !r.is_empty()), "{d:?}");
+        assert_eq!(d.original_destination.as_deref(), Some(dest.as_str()));
+        assert_eq!(d.message.header("tenant"), Some("t1"));
+        assert_eq!(d.message.header(headers::CONSUMER_GROUP), Some("g"));
+    }
+    // Listing again (and a smaller page) removes and reorders nothing.
+    for _ in 0..3 {
+        let again = dead.list(&dest, "g", 10).await.unwrap();
+        let again_ids: Vec<&MessageId> = again.iter().map(|d| d.message.id()).collect();
+        assert_eq!(again_ids, expected);
+    }
+    let first = dead.list(&dest, "g", 1).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].message.id(), expected[0], "oldest first");
+    let expected: Vec<MessageId> = expected.into_iter().cloned().collect();
+
+    // Fixed: re-drive one id (plus one that is not there).
+    healed.store(true, Ordering::SeqCst);
+    let delivered_before = seen.lock().unwrap().len();
+    let stranger = MessageId::new();
+    let report = dead
+        .redrive(
+            &dest,
+            "g",
+            &RedriveSelection::Ids(vec![expected[1].clone(), stranger.clone()]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.redriven.len(), 1, "{report:?}");
+    assert_eq!(report.redriven[0].message_id, expected[1]);
+    assert_eq!(report.redriven[0].destination, dest);
+    assert_eq!(report.not_found, vec![stranger]);
+    assert!(
+        wait_for(Duration::from_secs(10), || seen.lock().unwrap().len()
+            > delivered_before)
+        .await,
+        "the re-driven message reaches the consumer"
+    );
+    let left = dead.list(&dest, "g", 10).await.unwrap();
+    let mut left_ids: Vec<&MessageId> = left.iter().map(|d| d.message.id()).collect();
+    left_ids.sort();
+    let mut rest = vec![&expected[0], &expected[2]];
+    rest.sort();
+    // The rest, all there (a quorum queue may hand returned messages back in another order).
+    assert_eq!(left_ids, rest);
+
+    // Then all of them.
+    let report = dead
+        .redrive(&dest, "g", &RedriveSelection::All)
+        .await
+        .unwrap();
+    assert_eq!(report.redriven.len(), 2, "{report:?}");
+    assert!(report.not_found.is_empty());
+    assert!(
+        wait_for(Duration::from_secs(10), || seen.lock().unwrap().len()
+            >= delivered_before + 3)
+        .await
+    );
+    assert!(dead.list(&dest, "g", 10).await.unwrap().is_empty());
+    // A second re-drive finds nothing.
+    let empty = dead
+        .redrive(&dest, "g", &RedriveSelection::All)
+        .await
+        .unwrap();
+    assert!(empty.redriven.is_empty());
+    // Give a duplicate the chance to show up, then stop.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    handle.shutdown().await;
+
+    let seen = seen.lock().unwrap();
+    let after: Vec<&Delivery> = seen[delivered_before..].iter().collect();
+    assert_eq!(after.len(), 3, "each re-driven message exactly once");
+    for m in &poison {
+        let d = after
+            .iter()
+            .find(|d| d.message.id() == m.id())
+            .unwrap_or_else(|| panic!("{} lost", m.id()));
+        assert_eq!(d.attempt, 1, "attempt count reset");
+        assert_eq!(d.message.payload(), m.payload());
+        assert_eq!(d.message.header("tenant"), Some("t1"));
+        assert_eq!(d.message.header(headers::DEAD_LETTER_REASON), None);
+    }
+}
+
+/// A re-drive whose publish fails leaves the dead letter where it was; listing an
+/// undeclared group is a configuration error.
+#[tokio::test]
+async fn a_failed_redrive_keeps_the_dead_letter() {
+    use surety_core::{RedriveSelection, dead_letter_message};
+
+    let broker = connect().await;
+    let dest = name("dlqfail");
+    broker
+        .declare(&Topology::new(&dest).group("g"))
+        .await
+        .unwrap();
+    // A dead letter whose origin no longer exists (its destination was never declared).
+    let gone = name("gone");
+    let dl = broker.dead_letter_destination(&dest, "g");
+    let dead_letter = dead_letter_message(&Message::new(&gone, "orphan"), &dl, "g", "boom", 4);
+    broker
+        .publisher()
+        .await
+        .unwrap()
+        .publish(&dead_letter)
+        .await
+        .unwrap();
+    let dead = broker.dead_letters().await.unwrap();
+    let e = dead
+        .redrive(&dest, "g", &RedriveSelection::All)
+        .await
+        .expect_err("the origin is unroutable");
+    assert_eq!(e.kind(), ErrorKind::Unroutable, "{e}");
+    let still = dead.list(&dest, "g", 10).await.unwrap();
+    assert_eq!(still.len(), 1, "{still:?}");
+    assert_eq!(still[0].message.id(), dead_letter.id());
+    assert_eq!(still[0].reason.as_deref(), Some("boom"));
+    assert_eq!(still[0].attempts, Some(4));
+    assert_eq!(
+        still[0].original_destination.as_deref(),
+        Some(gone.as_str())
+    );
+
+    let e = dead.list(&dest, "nobody", 10).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Configuration, "{e}");
+}

@@ -17,8 +17,8 @@ use rocketmq_model::common::message::message_single::Message as RmqMessage;
 use rocketmq_model::topic::TopicConfig;
 use rocketmq_transport::api::RPCHook;
 use surety_core::{
-    Broker, Capabilities, Capability, CheckBack, Error, ErrorKind, Message, Publisher, Receipt,
-    Result, Subscriber, Topology, TransactionalPublisher, telemetry,
+    Broker, Capabilities, Capability, CheckBack, DeadLetters, Error, ErrorKind, Message, Publisher,
+    Receipt, Result, Subscriber, Topology, TransactionalPublisher, telemetry,
 };
 
 use crate::ADAPTER;
@@ -32,6 +32,18 @@ const DEFAULT_TOPIC_KEY: &str = "TBW102";
 
 /// Read + write permission of a topic (`PermName.PERM_READ | PermName.PERM_WRITE`).
 const PERM_READ_WRITE: u32 = 4 | 2;
+
+/// One broker's queues of a topic, from the name server's route.
+pub(crate) struct QueueRoute {
+    pub(crate) broker: CheetahString,
+    pub(crate) read_queues: u32,
+    pub(crate) write_queues: u32,
+    /// `PermName` bits: 2 write, 4 read.
+    pub(crate) perm: u32,
+    pub(crate) sys_flag: u32,
+    /// The master's address, if the broker has a master now.
+    pub(crate) master: Option<CheetahString>,
+}
 
 /// State shared by the broker object, its publishers and subscribers.
 pub(crate) struct Shared {
@@ -65,6 +77,49 @@ impl Shared {
     /// The ACL hook, when credentials are configured.
     pub(crate) fn rpc_hook(&self) -> Option<Arc<dyn RPCHook>> {
         rpc_hook(&self.config)
+    }
+
+    /// The admin client.
+    pub(crate) fn admin(&self) -> &DefaultMQAdminExt {
+        &self.admin
+    }
+
+    /// The queues of `topic` per broker as the name server routes them, with each
+    /// broker's master address; `None` if the topic has no route.
+    pub(crate) async fn route_of(&self, topic: &str) -> Result<Option<Vec<QueueRoute>>> {
+        match self
+            .admin
+            .examine_topic_route_info(CheetahString::from(topic))
+            .await
+        {
+            Ok(Some(route)) if !route.queue_datas.is_empty() => Ok(Some(
+                route
+                    .queue_datas
+                    .iter()
+                    .map(|q| QueueRoute {
+                        broker: q.broker_name.clone(),
+                        read_queues: q.read_queue_nums,
+                        write_queues: q.write_queue_nums,
+                        perm: q.perm,
+                        sys_flag: q.topic_sys_flag,
+                        master: route
+                            .broker_datas
+                            .iter()
+                            .find(|b| b.broker_name() == &q.broker_name)
+                            .and_then(|b| b.broker_addrs().get(&0).cloned()),
+                    })
+                    .collect(),
+            )),
+            Ok(_) => Ok(None),
+            Err(e) => {
+                let err = admin_error(&e, "route look-up");
+                if err.kind() == ErrorKind::Unroutable || e.to_string().contains("No topic route") {
+                    Ok(None)
+                } else {
+                    Err(err.with_context("destination", topic))
+                }
+            }
+        }
     }
 
     /// `Ok` if `topic` has a route in the name server; `Unroutable` if not.
@@ -370,6 +425,16 @@ impl Broker for RocketMqBroker {
     /// RocketMQ's convention: `%DLQ%<group>`, one per consumer group (not per topic).
     fn dead_letter_destination(&self, _destination: &str, group: &str) -> String {
         format!("{DLQ_PREFIX}{group}")
+    }
+
+    /// `%DLQ%<group>` with a re-drive cursor kept as the consume offsets of the group
+    /// `<group>-surety-redrive` (a queue cannot delete): see
+    /// [`RocketMqBroker::redrive_cursor_group`].
+    async fn dead_letters(&self) -> Result<Arc<dyn DeadLetters>> {
+        Ok(Arc::new(crate::dead_letters::RocketMqDeadLetters {
+            shared: self.shared.clone(),
+            publisher: self.publisher.clone(),
+        }))
     }
 }
 

@@ -37,7 +37,7 @@ use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
 use rocketmq_model::common::message::message_ext::MessageExt;
 use surety_core::{
     Delivery, Disposition, Error, ErrorKind, Handler, Message, Result, Subscriber, Subscription,
-    SubscriptionHandle, decide, headers, run_handler, telemetry,
+    SubscriptionHandle, dead_letter_message, decide, headers, run_handler, telemetry,
 };
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
@@ -214,13 +214,7 @@ impl Runner {
             .dead_letter
             .clone()
             .unwrap_or_else(|| format!("{DLQ_PREFIX}{}", self.sub.group));
-        let dead = message
-            .clone()
-            .with_destination(&target)
-            .with_header(headers::DEAD_LETTER_REASON, sanitize(reason))
-            .with_header(headers::DEAD_LETTER_ATTEMPTS, attempts.to_string())
-            .with_header(headers::ORIGINAL_DESTINATION, message.destination())
-            .with_header(headers::CONSUMER_GROUP, &self.sub.group);
+        let dead = dead_letter_message(message, &target, &self.sub.group, reason, attempts);
         self.publisher
             .publish_to(&dead, &target, &[])
             .await
@@ -240,14 +234,6 @@ fn metrics_dead_letter_failed(group: &str) {
         metric = telemetry::DEAD_LETTER_FAILED,
         "dead letter failed"
     );
-}
-
-/// Header values carry no control characters; handler errors may.
-fn sanitize(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(1024)
-        .collect()
 }
 
 struct Concurrent(Arc<Runner>);

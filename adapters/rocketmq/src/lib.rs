@@ -14,17 +14,19 @@
 //! | ack after process | `CONSUME_SUCCESS` only after the handler's outcome is settled |
 //! | retry with delay | a copy in `%RETRY%<group>` with a delay level (rounded up) and `surety-attempt` |
 //! | dead letter | Surety publishes to `%DLQ%<group>` (or the subscription's destination) with `surety-dead-letter-*` headers, then acks |
+//! | dead-letter list / re-drive | [`surety_core::Broker::dead_letters`]: pulls `%DLQ%<group>` from a re-drive cursor, the consume offsets of the group `<group>-surety-redrive`, moved with the admin API after the confirmed re-publish; a write-only `%DLQ%` topic is made readable first |
 //! | per-key ordering | queue chosen by key hash; orderly consumer when `Subscription::ordered` |
 //! | ACL | `AclClientRPCHook` from access key and secret key; the secret is never logged |
 //!
 //! Why some of this is done by the adapter rather than the client: `docs/rocketmq-interop.md`.
-
+#![deny(missing_docs)]
 #![recursion_limit = "512"]
 
 mod broker;
 mod codec;
 mod config;
 mod consumer;
+mod dead_letters;
 mod error;
 mod host;
 mod transaction;
