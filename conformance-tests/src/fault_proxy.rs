@@ -5,6 +5,11 @@
 //! flow), refuse new connections, and drop each new connection after it carried a
 //! number of bytes. It only ever connects to the upstream address it was given, which
 //! the tests keep on this machine.
+//!
+//! It may listen on a fixed port ([`ProxyOptions::listen`]: Kafka advertises the proxy's
+//! address to its clients) and may replace a byte string in the server-to-client
+//! direction by another of the same length ([`ProxyOptions::rewrite`]: a RocketMQ name
+//! server's answer then names a proxied broker address instead of the real one).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,8 +27,20 @@ pub struct FaultProxy {
     accept: JoinHandle<()>,
 }
 
+/// How a [`FaultProxy`] listens and what it rewrites.
+#[derive(Clone, Debug, Default)]
+pub struct ProxyOptions {
+    /// Where to listen; `None`: `127.0.0.1` on a random port.
+    pub listen: Option<SocketAddr>,
+    /// `(from, to)`: every `from` the server sends reaches the client as `to`, even when
+    /// split across reads. Both must have the same length, so that length-prefixed frames
+    /// stay valid.
+    pub rewrite: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 struct Shared {
     upstream: SocketAddr,
+    rewrite: Option<(Vec<u8>, Vec<u8>)>,
     /// Bumped to close every open connection.
     cut: watch::Sender<u64>,
     stalled: watch::Sender<bool>,
@@ -37,10 +54,30 @@ struct Shared {
 impl FaultProxy {
     /// Starts a proxy on `127.0.0.1:<random port>` forwarding to `upstream`.
     pub async fn start(upstream: SocketAddr) -> std::io::Result<FaultProxy> {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        FaultProxy::start_with(upstream, ProxyOptions::default()).await
+    }
+
+    /// Starts a proxy forwarding to `upstream` as `options` say.
+    pub async fn start_with(
+        upstream: SocketAddr,
+        options: ProxyOptions,
+    ) -> std::io::Result<FaultProxy> {
+        if let Some((from, to)) = &options.rewrite
+            && (from.len() != to.len() || from.is_empty())
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a rewrite must replace a non-empty byte string by one of the same length",
+            ));
+        }
+        let listener = match options.listen {
+            Some(addr) => TcpListener::bind(addr).await?,
+            None => TcpListener::bind(("127.0.0.1", 0)).await?,
+        };
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             upstream,
+            rewrite: options.rewrite,
             cut: watch::Sender::new(0),
             stalled: watch::Sender::new(false),
             refuse: AtomicBool::new(false),
@@ -131,25 +168,57 @@ async fn serve(client: TcpStream, shared: Arc<Shared>) {
     // Either direction ending, a cut or a spent budget closes both halves: dropping the
     // tasks' streams sends FIN/RST to both peers.
     tokio::select! {
-        _ = pump(cr, uw, shared.stalled.subscribe(), budget.clone()) => {}
-        _ = pump(ur, cw, shared.stalled.subscribe(), budget) => {}
+        _ = pump(cr, uw, shared.stalled.subscribe(), budget.clone(), None) => {}
+        _ = pump(ur, cw, shared.stalled.subscribe(), budget, shared.rewrite.clone()) => {}
         _ = cut.changed() => {}
     }
     shared.open.fetch_sub(1, Ordering::SeqCst);
 }
+
+/// How long a possible start of the rewritten string waits for the bytes that would
+/// complete it before it is forwarded as it is.
+const REWRITE_HOLD: std::time::Duration = std::time::Duration::from_millis(20);
 
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut stalled: watch::Receiver<bool>,
     budget: Option<Arc<AtomicU64>>,
+    rewrite: Option<(Vec<u8>, Vec<u8>)>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
+    // Bytes read but not forwarded yet: a tail that may be the start of `rewrite.0`.
+    let mut held: Vec<u8> = Vec::new();
     loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
+        let read = if held.is_empty() {
+            from.read(&mut buf).await
+        } else {
+            match tokio::time::timeout(REWRITE_HOLD, from.read(&mut buf)).await {
+                Ok(read) => read,
+                // Nothing more came: the tail was not the string after all.
+                Err(_) => Ok(usize::MAX),
+            }
         };
+        let mut data = std::mem::take(&mut held);
+        match read {
+            Ok(0) | Err(_) => {
+                let _ = to.write_all(&data).await;
+                return;
+            }
+            Ok(usize::MAX) => {}
+            Ok(n) => {
+                data.extend_from_slice(&buf[..n]);
+                if let Some((from_bytes, to_bytes)) = &rewrite {
+                    replace_all(&mut data, from_bytes, to_bytes);
+                    let keep = partial_suffix(&data, from_bytes);
+                    held = data.split_off(data.len() - keep);
+                }
+            }
+        }
+        if data.is_empty() {
+            continue;
+        }
+        let n = data.len();
         // While stalled, hold the bytes: the connection stays open but silent.
         if stalled.wait_for(|s| !*s).await.is_err() {
             return;
@@ -163,10 +232,32 @@ async fn pump(
                 take as usize
             }
         };
-        if to.write_all(&buf[..allowed]).await.is_err() || allowed < n {
+        if to.write_all(&data[..allowed]).await.is_err() || allowed < n {
             return;
         }
     }
+}
+
+/// Replaces every `from` in `data` by `to` (same length).
+fn replace_all(data: &mut [u8], from: &[u8], to: &[u8]) {
+    let mut i = 0;
+    while i + from.len() <= data.len() {
+        if &data[i..i + from.len()] == from {
+            data[i..i + from.len()].copy_from_slice(to);
+            i += from.len();
+        } else {
+            i += 1;
+        }
+    }
+}
+
+/// The length of the longest tail of `data` that is a proper prefix of `pattern`.
+fn partial_suffix(data: &[u8], pattern: &[u8]) -> usize {
+    let longest = pattern.len().saturating_sub(1).min(data.len());
+    (1..=longest)
+        .rev()
+        .find(|k| data[data.len() - k..] == pattern[..*k])
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -232,6 +323,42 @@ mod tests {
             .expect("bytes flow after the stall")
             .unwrap();
         assert_eq!(&out, b"held");
+    }
+
+    #[test]
+    fn rewrite_helpers() {
+        let mut d = b"a127.0.0.1:10911b127.0.0.1:10911".to_vec();
+        replace_all(&mut d, b"127.0.0.1:10911", b"127.0.0.1:19911");
+        assert_eq!(d, b"a127.0.0.1:19911b127.0.0.1:19911");
+        assert_eq!(partial_suffix(b"xx127.0.0", b"127.0.0.1:10911"), 7);
+        assert_eq!(partial_suffix(b"xx127.0.0.1:10911", b"127.0.0.1:10911"), 0);
+        assert_eq!(partial_suffix(b"", b"127"), 0);
+    }
+
+    #[tokio::test]
+    async fn rewrites_across_reads() {
+        let proxy = FaultProxy::start_with(
+            echo_server().await,
+            ProxyOptions {
+                listen: None,
+                rewrite: Some((b"HELLO".to_vec(), b"WORLD".to_vec())),
+            },
+        )
+        .await
+        .unwrap();
+        let mut s = TcpStream::connect(proxy.addr()).await.unwrap();
+        // The string split over two writes (and reads) is still replaced.
+        s.write_all(b"xHEL").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        s.write_all(b"LOy").await.unwrap();
+        let mut out = [0u8; 7];
+        tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&out, b"xWORLDy");
+        // A tail that only looks like a start is forwarded after the short hold.
+        assert_eq!(round_trip(&mut s, b"abcHE").await.unwrap(), b"abcHE");
     }
 
     #[tokio::test]

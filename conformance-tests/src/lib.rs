@@ -7,6 +7,7 @@
 //!
 //! An adapter plugs in by building a [`Fixture`] around its [`Broker`]; see
 //! `tests/conformance.rs` for the runner.
+#![deny(missing_docs)]
 
 mod cases;
 pub mod fault_proxy;
@@ -18,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use cases::{CASES, Case};
-pub use fault_proxy::FaultProxy;
+pub use fault_proxy::{FaultProxy, ProxyOptions};
 pub use report::{Report, Row, Verdict};
 pub use support::{Collector, Ledger, unique_name};
 use surety_core::Broker;
