@@ -1,31 +1,45 @@
 //! Benchmarks of Surety against the raw clients it wraps, side by side in one run.
 //!
-//! Each scenario publishes a fixed number of messages of one payload size with the same
-//! number in flight (the window), several times, through Surety's `Publisher` and
-//! through the raw client doing the same confirmed publish, on the real brokers that
-//! `scripts/brokers up` starts. It prints one table: median messages/s over the
-//! repetitions, p50/p99 latency over every message, and the ratio Surety ÷ raw.
-//! RabbitMQ also gets lapin's confirm strategies against transactions, and every broker
-//! gets the outbox relay (rows committed in PostgreSQL, drained by one and by two
-//! [`surety_sql::Relay`]s) against the raw confirmed-publish rate just measured.
+//! The scenarios are those of issue 9, numbered the same way:
+//!
+//! 1. Confirmed publish: Surety's `Publisher` against the raw client doing the same
+//!    confirmed publish (lapin confirm mode, rdkafka idempotent `FutureProducer`,
+//!    rocketmq-client-rust sync send), same payload, same window of messages in flight;
+//!    at the main payload size and at the extra sizes (`--extra-payloads`).
+//! 2. RabbitMQ: transactions against confirm strategies (the articles' "~250×" claim).
+//! 3. Transactional send against plain confirmed send: RocketMQ native half messages
+//!    (raw and Surety), Kafka transactions per batch (raw and Surety), and Surety's
+//!    store-backed half messages (`WithSqlHalfMessages`) on RabbitMQ and Kafka.
+//! 4. Outbox: enqueue cost inside a business transaction (PostgreSQL, SQLite), and relay
+//!    throughput (PostgreSQL with one and two relays, SQLite with one) against the raw
+//!    confirmed-publish ceiling of scenario 1.
+//! 5. Inbox: consume + effect + dedup record against consume + effect on PostgreSQL.
+//! 6. End-to-end latency, business commit → consumer effect, through the outbox fast path
+//!    (`Relay::publish_now` after the commit) and through a polling relay alone.
+//!
+//! Every table row shows the median messages/s over the repetitions, p50/p99 latency
+//! over every message, and its ratio next to the issue's goal.
 //!
 //! It starts nothing itself: the brokers are those of `scripts/brokers up`, found through
 //! `SURETY_RABBITMQ_URL`, `SURETY_KAFKA_BOOTSTRAP`, `SURETY_ROCKETMQ_NAMESRV` and
 //! `SURETY_POSTGRES_URL` (defaults: the local ones). It writes to its own destinations
-//! (`surety-bench*`) and its own outbox tables (`surety_bench_*`).
+//! (`surety-bench*`) and its own tables (`surety_bench_*`).
 //!
 //! Benchmarks report; they never assert timing. Build with `--release` for numbers worth
 //! quoting: a debug build measures the debug build.
 //!
 //! ```text
-//! cargo run --release --bin surety-bench -- --messages 10000 --repetitions 5 \
-//!     --brokers rabbitmq,kafka,rocketmq --write docs/benchmarks.md
+//! cargo build --release --locked --bin surety-bench
+//! target/release/surety-bench --write docs/benchmarks.md
 //! ```
 
 // The RocketMQ client's futures nest deeper than the default limit.
 #![recursion_limit = "512"]
 
+mod consume;
+mod halfmsg;
 mod kafka;
+mod machine;
 mod measure;
 mod outbox;
 mod rabbit;
@@ -34,28 +48,39 @@ mod rocket;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Instant;
 
 use bytes::Bytes;
 use clap::Parser;
 
 use measure::{Run, Summary};
 
-/// Command-line options.
+/// Command-line options. The defaults are the full run (all scenarios, three brokers).
 #[derive(Parser, Debug)]
 #[command(about = "Surety against the raw broker clients, side by side")]
 pub struct Options {
-    /// Messages per run.
+    /// Messages per run of the publish scenarios (1, 2, 3) and of the relay (4).
     #[arg(long, default_value_t = 10_000)]
     pub messages: usize,
     /// Runs per scenario; the table shows the median rate.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 3)]
     pub repetitions: usize,
     /// Brokers to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "rabbitmq,kafka,rocketmq")]
     pub brokers: Vec<String>,
-    /// Payload size in bytes (1 KiB by default; try 100 and 65536).
+    /// Scenarios to run (numbers of issue 9), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6")]
+    pub scenarios: Vec<u8>,
+    /// Main payload size in bytes, used by every scenario.
     #[arg(long, default_value_t = 1024)]
     pub payload: usize,
+    /// Further payload sizes for scenario 1 (comma-separated; 0 for none). Their
+    /// runs carry at most `--extra-bytes` of payload, so big payloads get fewer messages.
+    #[arg(long, value_delimiter = ',', default_value = "100,65536")]
+    pub extra_payloads: Vec<usize>,
+    /// Payload bytes per run at the extra sizes (caps their message count).
+    #[arg(long, default_value_t = 64 << 20)]
+    pub extra_bytes: usize,
     /// Confirmed publishes in flight at once.
     #[arg(long, default_value_t = 64)]
     pub window: usize,
@@ -63,43 +88,80 @@ pub struct Options {
     /// confirm per message); capped at `--messages`.
     #[arg(long, default_value_t = 1_000)]
     pub slow_messages: usize,
-    /// Skip the RabbitMQ confirm-strategy scenarios.
-    #[arg(long = "no-strategies", action = clap::ArgAction::SetFalse)]
-    pub strategies: bool,
-    /// Skip the outbox relay scenarios (PostgreSQL with one and two relays, SQLite with one).
-    #[arg(long = "no-outbox", action = clap::ArgAction::SetFalse)]
-    pub outbox: bool,
     /// Rows a relay leases and publishes per batch (its confirms are in flight together).
     #[arg(long, default_value_t = 100)]
     pub relay_batch: usize,
-    /// Also write the table, with date, command and machine, to this file.
+    /// Messages per run of the transactional-send scenario (3).
+    #[arg(long, default_value_t = 1_000)]
+    pub tx_messages: usize,
+    /// Messages per Kafka transaction in scenario 3.
+    #[arg(long, default_value_t = 100)]
+    pub tx_batch: usize,
+    /// Business transactions per run of the enqueue-cost scenario (4).
+    #[arg(long, default_value_t = 2_000)]
+    pub db_messages: usize,
+    /// Business transactions in flight at once on PostgreSQL (SQLite has one writer: 1).
+    #[arg(long, default_value_t = 8)]
+    pub db_window: usize,
+    /// Messages per run of the inbox scenario (5).
+    #[arg(long, default_value_t = 2_000)]
+    pub consume_messages: usize,
+    /// Handler concurrency of the consumer in scenarios 5 and 6.
+    #[arg(long, default_value_t = 8)]
+    pub consume_concurrency: usize,
+    /// Messages per variant of the end-to-end latency scenario (6).
+    #[arg(long, default_value_t = 200)]
+    pub e2e_messages: usize,
+    /// Milliseconds between two business commits in scenario 6 (an unsaturated load).
+    #[arg(long, default_value_t = 10)]
+    pub e2e_gap_ms: u64,
+    /// Adds diagnostic rows that split Surety's cost into parts (RabbitMQ: raw lapin
+    /// writing the same AMQP properties as Surety's codec).
+    #[arg(long)]
+    pub diagnose: bool,
+    /// Also write the tables, with date, command and machine, to this file.
     #[arg(long)]
     pub write: Option<PathBuf>,
 }
 
 impl Options {
-    fn payload_bytes(&self) -> Bytes {
-        // Not all zeros, so that nothing along the way can compress it to nothing.
-        Bytes::from(
-            (0..self.payload)
-                .map(|i| (i * 31 % 251) as u8)
-                .collect::<Vec<u8>>(),
-        )
+    /// A payload of `size` bytes; not all zeros, so that nothing along the way can
+    /// compress it to nothing.
+    pub fn payload_of(size: usize) -> Bytes {
+        Bytes::from((0..size).map(|i| (i * 31 % 251) as u8).collect::<Vec<u8>>())
+    }
+
+    /// The main payload.
+    pub fn payload_bytes(&self) -> Bytes {
+        Self::payload_of(self.payload)
     }
 
     /// Messages of the untimed warm-up run.
-    fn warmup(&self) -> usize {
+    pub fn warmup(&self) -> usize {
         self.messages.clamp(1, 500)
     }
 
-    fn slow_messages(&self) -> usize {
+    /// Messages per run at an extra payload size.
+    pub fn messages_at(&self, size: usize) -> usize {
+        self.messages.min(self.extra_bytes / size.max(1)).max(100)
+    }
+
+    /// Messages per run of the one-at-a-time strategies.
+    pub fn slow_messages(&self) -> usize {
         self.slow_messages.clamp(1, self.messages.max(1))
+    }
+
+    /// Whether scenario `n` runs.
+    pub fn runs(&self, n: u8) -> bool {
+        self.scenarios.contains(&n)
     }
 }
 
-/// One line of the table.
+/// One line of a table.
 pub struct Row {
-    /// Which broker.
+    /// The scenario's number in issue 9.
+    pub scenario_no: u8,
+    /// Which broker or database.
     pub broker: &'static str,
     /// What was measured.
     pub scenario: String,
@@ -107,40 +169,47 @@ pub struct Row {
     pub messages: usize,
     /// Messages in flight at once.
     pub window: usize,
+    /// Payload bytes.
+    pub payload: usize,
     /// Rate and latencies.
     pub summary: Summary,
-    /// The ratio against this scenario's baseline, as text.
+    /// The ratio against this scenario's baseline, with its goal, as text.
     pub ratio: String,
 }
 
-/// The raw row and the Surety row of scenario 1, with the ratio on the Surety row.
+/// The raw row and the Surety row of a comparison, with the ratio Surety ÷ raw (and the
+/// goal, if any) on the Surety row.
+#[allow(clippy::too_many_arguments)]
 pub fn pair(
+    scenario_no: u8,
     broker: &'static str,
-    raw_name: &str,
-    o: &Options,
-    raw: &[Run],
-    surety: &[Run],
+    (raw_name, raw): (&str, &[Run]),
+    (surety_name, surety): (&str, &[Run]),
+    messages: usize,
+    window: usize,
+    payload: usize,
+    goal: &str,
 ) -> Vec<Row> {
     let raw = measure::summarise(raw);
     let surety = measure::summarise(surety);
     let ratio = surety.rate / raw.rate.max(1e-9);
+    let row = |scenario: String, summary, ratio| Row {
+        scenario_no,
+        broker,
+        scenario,
+        messages,
+        window,
+        payload,
+        summary,
+        ratio,
+    };
     vec![
-        Row {
-            broker,
-            scenario: format!("raw: {raw_name}"),
-            messages: o.messages,
-            window: o.window,
-            summary: raw,
-            ratio: "1.00 (baseline)".into(),
-        },
-        Row {
-            broker,
-            scenario: "surety: Publisher::publish".into(),
-            messages: o.messages,
-            window: o.window,
-            summary: surety,
-            ratio: format!("{ratio:.2} Surety ÷ raw (goal ≥ 0.95)"),
-        },
+        row(raw_name.to_owned(), raw, "1.00 (baseline)".into()),
+        row(
+            surety_name.to_owned(),
+            surety,
+            format!("{ratio:.2} ÷ baseline ({goal})"),
+        ),
     ]
 }
 
@@ -149,71 +218,100 @@ pub fn fail<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> String {
     move |e| format!("{what}: {e}")
 }
 
-fn table(rows: &[Row]) -> String {
-    let mut out = String::from(
-        "| broker | scenario | messages | window | msgs/s (median) | p50 | p99 | ratio |\n\
-         |---|---|---:|---:|---:|---:|---:|---|\n",
-    );
-    for r in rows {
-        let _ = writeln!(
+/// The scenarios' titles, as the tables' headings.
+const TITLES: [(u8, &str); 6] = [
+    (1, "1. Confirmed publish: Surety ÷ raw client (goal ≥ 0.95)"),
+    (
+        2,
+        "2. RabbitMQ: confirm strategies against tx per message (articles' claim ~250×)",
+    ),
+    (
+        3,
+        "3. Transactional send against plain confirmed send (no goal in the issue)",
+    ),
+    (
+        4,
+        "4. Outbox: enqueue cost and relay throughput (goal: relay ×1 on PostgreSQL ≥ 0.5 × raw ceiling; ×2 faster than ×1)",
+    ),
+    (
+        5,
+        "5. Inbox: consume + effect + dedup record ÷ consume + effect (goal: cost ≤ 1.3×)",
+    ),
+    (
+        6,
+        "6. End-to-end latency, business commit → consumer effect (no goal in the issue)",
+    ),
+];
+
+fn tables(rows: &[Row]) -> String {
+    let mut out = String::new();
+    for (no, title) in TITLES {
+        let mine: Vec<&Row> = rows.iter().filter(|r| r.scenario_no == no).collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let _ = write!(
             out,
-            "| {} | {} | {} | {} | {:.0} | {:.2} ms | {:.2} ms | {} |",
-            r.broker,
-            r.scenario,
-            r.messages,
-            r.window,
-            r.summary.rate,
-            r.summary.p50.as_secs_f64() * 1e3,
-            r.summary.p99.as_secs_f64() * 1e3,
-            r.ratio
+            "### {title}\n\n\
+             | broker | scenario | payload | messages | window | msgs/s (median) | p50 | p99 | ratio |\n\
+             |---|---|---:|---:|---:|---:|---:|---:|---|\n"
         );
+        for r in mine {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} |",
+                r.broker,
+                r.scenario,
+                bytes(r.payload),
+                r.messages,
+                r.window,
+                r.summary.rate,
+                millis(r.summary.p50),
+                millis(r.summary.p99),
+                r.ratio
+            );
+        }
+        out.push('\n');
     }
     out
 }
 
-fn machine() -> String {
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let build = if cfg!(debug_assertions) {
-        "debug build (numbers are not representative)"
-    } else {
-        "release build"
-    };
-    format!("{cores} CPUs (nproc), {model}, {build}")
+fn bytes(n: usize) -> String {
+    match n {
+        0 => "-".into(),
+        n if n >= 1024 && n % 1024 == 0 => format!("{} KiB", n / 1024),
+        n => format!("{n} B"),
+    }
 }
 
-/// Today's UTC date as `YYYY-MM-DD` (days-to-civil conversion, proleptic Gregorian).
-fn today() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let z = (secs / 86_400) as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+fn millis(d: std::time::Duration) -> String {
+    let ms = d.as_secs_f64() * 1e3;
+    if ms >= 100.0 {
+        format!("{ms:.0} ms")
+    } else {
+        format!("{ms:.2} ms")
+    }
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let o = Options::parse();
+    let started = Instant::now();
     let mut rows = Vec::new();
     let mut failed = Vec::new();
+    if o.runs(4) {
+        eprintln!("benchmarking the outbox enqueue cost...");
+        match outbox::enqueue_cost(&o).await {
+            Ok(r) => rows.extend(r),
+            Err(e) => {
+                eprintln!("outbox enqueue: FAILED: {e}");
+                failed.push(format!("outbox enqueue: {e}"));
+            }
+        }
+    }
     for broker in &o.brokers {
         eprintln!("benchmarking {broker}...");
+        let t = Instant::now();
         let result = match broker.trim() {
             "rabbitmq" => rabbit::bench(&o).await,
             "kafka" => kafka::bench(&o).await,
@@ -229,27 +327,28 @@ async fn main() -> ExitCode {
                 failed.push(format!("{broker}: {e}"));
             }
         }
+        eprintln!("{broker}: {:.0} s", t.elapsed().as_secs_f64());
     }
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    let mut report = table(&rows);
+    let mut report = tables(&rows);
     let _ = write!(
         report,
-        "\nMachine: {}. Payload {} B, window {}, {} repetitions, {} messages per run.\n",
-        machine(),
-        o.payload,
+        "Machine: {}\n\nMain payload {}, window {}, {} repetitions (median rate shown), \
+         {} messages per publish run; run time {:.0} s.\n",
+        machine::describe().await,
+        bytes(o.payload),
         o.window,
         o.repetitions,
-        o.messages
+        o.messages,
+        started.elapsed().as_secs_f64()
     );
     for f in &failed {
         let _ = writeln!(report, "\nFAILED {f}");
     }
     println!("{report}");
     if let Some(path) = &o.write {
-        let doc = format!(
-            "# Benchmarks\n\nRun on {} with `{command}`.\n\n{report}",
-            today()
-        );
+        let existing = std::fs::read_to_string(path).ok();
+        let doc = machine::document(existing.as_deref(), &command, &report);
         if let Err(e) = std::fs::write(path, doc) {
             eprintln!("could not write {}: {e}", path.display());
             return ExitCode::FAILURE;
@@ -267,9 +366,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn date_is_well_formed() {
-        let d = today();
-        assert_eq!(d.len(), 10, "{d}");
-        assert!(d.starts_with("20"), "{d}");
+    fn sizes_and_counts() {
+        assert_eq!(bytes(1024), "1 KiB");
+        assert_eq!(bytes(100), "100 B");
+        let o = Options::parse_from(["surety-bench"]);
+        assert_eq!(o.messages_at(100), o.messages);
+        assert_eq!(o.messages_at(65536), 1024);
+        assert!(o.runs(6) && !o.runs(7));
     }
 }

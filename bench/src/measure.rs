@@ -1,9 +1,16 @@
-//! Running a workload with a bounded window of messages in flight, and summarising it.
+//! Running a workload with a bounded window of messages in flight, repeating several
+//! workloads in alternation, and summarising them.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::StreamExt;
+use futures::future::BoxFuture;
+use surety_core::{Message, Publisher};
+
+use crate::fail;
 
 /// One timed run: how long it took and every message's latency (start of its publish to
 /// its confirm).
@@ -48,6 +55,83 @@ where
     })
 }
 
+/// Confirmed publishes of `messages` messages of `payload` to `destination` through
+/// Surety's `Publisher`, `window` in flight: the Surety side of every broker's scenario 1.
+pub async fn surety_publish(
+    publisher: &Arc<dyn Publisher>,
+    destination: &str,
+    payload: &Bytes,
+    messages: usize,
+    window: usize,
+) -> Result<Run, String> {
+    windowed(messages, window, |_| {
+        let publisher = publisher.clone();
+        // A fresh message (and id) each time, as an application would build it.
+        let message = Message::new(destination, payload.clone());
+        async move {
+            publisher
+                .publish(&message)
+                .await
+                .map(|_| ())
+                .map_err(fail("surety publish"))
+        }
+    })
+    .await
+}
+
+/// [`surety_publish`] as a workload.
+pub fn surety_workload<'a>(
+    publisher: &'a Arc<dyn Publisher>,
+    destination: &'a str,
+    payload: &'a Bytes,
+    window: usize,
+) -> Workload<'a> {
+    workload(move |n| surety_publish(publisher, destination, payload, n, window))
+}
+
+/// One workload of a comparison: runs itself with the given number of messages.
+pub type Workload<'a> = Box<dyn Fn(usize) -> BoxFuture<'a, Result<Run, String>> + Send + Sync + 'a>;
+
+/// Something to do between two timed runs (empty a queue, clear a table); untimed.
+pub type Reset<'a> = Box<dyn Fn() -> BoxFuture<'a, Result<(), String>> + Send + Sync + 'a>;
+
+/// Boxes a workload closure.
+pub fn workload<'a, F, Fut>(f: F) -> Workload<'a>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'a,
+    Fut: Future<Output = Result<Run, String>> + Send + 'a,
+{
+    Box::new(move |n| Box::pin(f(n)))
+}
+
+/// The one measurement loop every scenario shares: each workload once with `warmup`
+/// messages (untimed), then `repetitions` rounds in which every workload runs once with
+/// its own message count, in order, so that drift over the run hits all of them alike.
+/// `reset` runs after every run. Returns the runs of each workload, in input order.
+pub async fn alternate(
+    repetitions: usize,
+    warmup: usize,
+    workloads: &[(usize, Workload<'_>)],
+    reset: Option<&Reset<'_>>,
+) -> Result<Vec<Vec<Run>>, String> {
+    for (_, run) in workloads {
+        run(warmup).await?;
+        if let Some(reset) = reset {
+            reset().await?;
+        }
+    }
+    let mut runs: Vec<Vec<Run>> = workloads.iter().map(|_| Vec::new()).collect();
+    for _ in 0..repetitions.max(1) {
+        for ((messages, run), out) in workloads.iter().zip(runs.iter_mut()) {
+            out.push(run(*messages).await?);
+            if let Some(reset) = reset {
+                reset().await?;
+            }
+        }
+    }
+    Ok(runs)
+}
+
 /// What a table row shows about the repetitions of one scenario.
 #[derive(Clone, Debug)]
 pub struct Summary {
@@ -82,7 +166,7 @@ fn median(sorted: &[f64]) -> f64 {
 }
 
 /// Nearest-rank percentile of a sorted slice.
-fn percentile(sorted: &[Duration], q: f64) -> Duration {
+pub fn percentile(sorted: &[Duration], q: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -93,6 +177,7 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[test]
     fn percentiles_and_median() {
@@ -113,5 +198,25 @@ mod tests {
         })
         .await;
         assert!(err.is_err());
+    }
+
+    #[tokio::test]
+    async fn alternate_warms_up_then_repeats_each_workload() {
+        let resets = AtomicUsize::new(0);
+        let a = workload(|n| async move { windowed(n, 4, |_| async { Ok(()) }).await });
+        let b = workload(|n| async move { windowed(n * 2, 4, |_| async { Ok(()) }).await });
+        let reset: Reset<'_> = Box::new(|| {
+            resets.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Ok(()) })
+        });
+        let runs = alternate(3, 5, &[(10, a), (7, b)], Some(&reset))
+            .await
+            .unwrap();
+        assert_eq!(runs.len(), 2);
+        assert_eq!(runs[0].len(), 3);
+        assert!(runs[0].iter().all(|r| r.latencies.len() == 10));
+        assert!(runs[1].iter().all(|r| r.latencies.len() == 14));
+        // Two warm-ups plus 3 × 2 timed runs.
+        assert_eq!(resets.load(Ordering::SeqCst), 8);
     }
 }

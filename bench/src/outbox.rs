@@ -1,40 +1,233 @@
-//! Outbox relay throughput: rows committed in PostgreSQL (published by one or two
-//! [`Relay`]s) and in SQLite (one relay: SQLite has one writer, and the crate says to run
-//! one relay per file), through Surety's publisher, against the raw confirmed-publish
-//! ceiling.
+//! Scenario 4, the outbox: the cost of enqueueing inside a business transaction
+//! (business insert alone against business insert + [`surety_sql::Outbox::enqueue`], on
+//! PostgreSQL and SQLite), and relay throughput: rows committed in PostgreSQL (published by
+//! one or two [`Relay`]s) and in SQLite (one relay: SQLite has one writer, and the crate
+//! says to run one relay per file), through Surety's publisher, against the raw
+//! confirmed-publish ceiling of scenario 1.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use surety_core::{Message, Publisher};
+use surety_sql::sqlx::{self, AssertSqlSafe};
 use surety_sql::{Relay, RelayConfig, SqlStore, StoreConfig, TableNames};
 
 use crate::measure::{self, Run};
 use crate::{Options, Row, fail};
 
 /// Tables of their own, so that the benchmark never touches the tests' rows.
-const PREFIX: &str = "surety_bench";
+pub const PREFIX: &str = "surety_bench";
 /// Rows enqueued per (untimed) setup transaction.
 const ENQUEUE_CHUNK: usize = 500;
+/// The business row of scenarios 4 and 6 (table `surety_bench_orders`, an order per
+/// transaction).
+const INSERT_ORDER: &str = "INSERT INTO surety_bench_orders (customer, amount) VALUES ($1, $2)";
 
-/// The benchmark store on PostgreSQL or, with `sqlite`, on a file in the temp directory,
-/// migrated.
-async fn store(sqlite: bool) -> Result<SqlStore, String> {
+/// The PostgreSQL URL of `scripts/brokers` (or `SURETY_POSTGRES_URL`).
+pub fn postgres_url() -> String {
+    std::env::var("SURETY_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://surety:surety@127.0.0.1:5432/surety".into())
+}
+
+fn sqlite_file() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("surety-bench-{}.db", std::process::id()))
+}
+
+/// A store with tables prefixed `prefix` on PostgreSQL or, with `sqlite`, on a file in
+/// the temp directory (removed by [`remove_sqlite_files`]), migrated.
+pub async fn store_with(sqlite: bool, prefix: &str) -> Result<SqlStore, String> {
     let url = if sqlite {
-        let file = std::env::temp_dir().join(format!("surety-bench-{}.db", std::process::id()));
-        format!("sqlite:{}", file.display())
+        format!("sqlite:{}", sqlite_file().display())
     } else {
-        std::env::var("SURETY_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://surety:surety@127.0.0.1:5432/surety".into())
+        postgres_url()
     };
     let store = SqlStore::connect(
         &url,
-        StoreConfig::default().tables(TableNames::prefixed(PREFIX)),
+        StoreConfig::default().tables(TableNames::prefixed(prefix)),
     )
     .await
     .map_err(fail("connect to the database"))?;
     store.migrate().await.map_err(fail("migrate"))?;
     Ok(store)
+}
+
+/// The benchmark store (tables `surety_bench_*`).
+pub async fn store(sqlite: bool) -> Result<SqlStore, String> {
+    store_with(sqlite, PREFIX).await
+}
+
+/// Removes the benchmark's SQLite file and its WAL side files.
+pub fn remove_sqlite_files() {
+    let Some(name) = sqlite_file()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+    else {
+        return;
+    };
+    if let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in dir.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&name) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// Runs one statement of the benchmark's own (constant text, no input) on the store's
+/// database.
+pub async fn exec(store: &SqlStore, sql: &'static str) -> Result<(), String> {
+    let result = if let Some(pool) = store.pg_pool() {
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(pool)
+            .await
+            .map(|_| ())
+    } else if let Some(pool) = store.sqlite_pool() {
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(pool)
+            .await
+            .map(|_| ())
+    } else {
+        Ok(())
+    };
+    result.map_err(|e| format!("{sql}: {e}"))
+}
+
+/// Creates (or empties) the business table.
+pub async fn business_table(store: &SqlStore) -> Result<(), String> {
+    if store.pg_pool().is_some() {
+        exec(
+            store,
+            "CREATE TABLE IF NOT EXISTS surety_bench_orders \
+             (id BIGSERIAL PRIMARY KEY, customer TEXT NOT NULL, amount BIGINT NOT NULL)",
+        )
+        .await?;
+    } else {
+        exec(
+            store,
+            "CREATE TABLE IF NOT EXISTS surety_bench_orders \
+             (id INTEGER PRIMARY KEY AUTOINCREMENT, customer TEXT NOT NULL, amount BIGINT NOT NULL)",
+        )
+        .await?;
+    }
+    exec(store, "DELETE FROM surety_bench_orders").await
+}
+
+/// One business transaction: insert an order and, with `message`, enqueue it in the
+/// same transaction; commit.
+pub async fn business_transaction(
+    store: &SqlStore,
+    i: usize,
+    message: Option<&Message>,
+) -> Result<(), String> {
+    macro_rules! in_tx {
+        ($pool:expr) => {{
+            let mut tx = $pool.begin().await.map_err(fail("begin"))?;
+            sqlx::query(INSERT_ORDER)
+                .bind(format!("customer-{}", i % 1000))
+                .bind(i as i64)
+                .execute(&mut *tx)
+                .await
+                .map_err(fail("insert an order"))?;
+            if let Some(m) = message {
+                store
+                    .outbox()
+                    .enqueue(&mut *tx, m)
+                    .await
+                    .map_err(fail("enqueue"))?;
+            }
+            tx.commit().await.map_err(fail("commit"))
+        }};
+    }
+    if let Some(pool) = store.pg_pool() {
+        in_tx!(pool)
+    } else if let Some(pool) = store.sqlite_pool() {
+        in_tx!(pool)
+    } else {
+        Err("a store without a pool".into())
+    }
+}
+
+/// Scenario 4a: business insert alone against business insert + enqueue, each in its own
+/// transaction, on PostgreSQL (`--db-window` in flight) and SQLite (one at a time).
+pub async fn enqueue_cost(o: &Options) -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
+    for sqlite in [false, true] {
+        let store = store(sqlite).await?;
+        if !sqlite {
+            note_postgres_version(&store).await;
+        }
+        business_table(&store).await?;
+        clear(&store).await?;
+        let window = if sqlite { 1 } else { o.db_window };
+        let payload = o.payload_bytes();
+        let alone = measure::workload(|n| {
+            let store = &store;
+            async move { measure::windowed(n, window, |i| business_transaction(store, i, None)).await }
+        });
+        let with_outbox = measure::workload(|n| {
+            let (store, payload) = (&store, &payload);
+            async move {
+                measure::windowed(n, window, |i| {
+                    let message = Message::new("surety-bench-orders", payload.clone());
+                    async move { business_transaction(store, i, Some(&message)).await }
+                })
+                .await
+            }
+        });
+        let reset: measure::Reset<'_> = Box::new(|| {
+            let store = &store;
+            Box::pin(async move {
+                exec(store, "DELETE FROM surety_bench_orders").await?;
+                clear(store).await
+            })
+        });
+        let n = o.db_messages;
+        let runs = measure::alternate(
+            o.repetitions,
+            o.warmup().min(n),
+            &[(n, alone), (n, with_outbox)],
+            Some(&reset),
+        )
+        .await?;
+        let database = if sqlite { "SQLite" } else { "PostgreSQL" };
+        let alone = measure::summarise(&runs[0]);
+        let with = measure::summarise(&runs[1]);
+        let cost = alone.rate / with.rate.max(1e-9);
+        let row = |scenario: String, summary, ratio| Row {
+            scenario_no: 4,
+            broker: if sqlite { "sqlite" } else { "postgresql" },
+            scenario,
+            messages: n,
+            window,
+            payload: o.payload,
+            summary,
+            ratio,
+        };
+        rows.push(row(
+            format!("business insert alone, one transaction each ({database})"),
+            alone,
+            "1.00 (baseline)".into(),
+        ));
+        rows.push(row(
+            format!("business insert + outbox enqueue, same transaction ({database})"),
+            with,
+            format!("{cost:.2}× the cost of the insert alone (no goal in the issue)"),
+        ));
+        exec(&store, "DROP TABLE IF EXISTS surety_bench_orders").await?;
+        store.close().await;
+    }
+    remove_sqlite_files();
+    Ok(rows)
+}
+
+async fn note_postgres_version(store: &SqlStore) {
+    if let Some(pool) = store.pg_pool()
+        && let Ok(v) = sqlx::query_scalar::<_, String>("SHOW server_version")
+            .fetch_one(pool)
+            .await
+    {
+        crate::machine::note_version("PostgreSQL", v);
+    }
 }
 
 /// Empties the benchmark outbox and commits `messages` pending rows for `destination`.
@@ -74,7 +267,7 @@ async fn fill(
 
 /// Deletes every row of the benchmark outbox. The table name is the constant prefix
 /// above, validated by `TableNames`; nothing external reaches the SQL.
-async fn clear(store: &SqlStore) -> Result<(), String> {
+pub async fn clear(store: &SqlStore) -> Result<(), String> {
     const DELETE: &str = "DELETE FROM surety_bench_outbox";
     let result = if let Some(pool) = store.pg_pool() {
         surety_sql::sqlx::query(DELETE)
@@ -141,6 +334,20 @@ async fn relay_run(
     Ok(Run { elapsed, latencies })
 }
 
+/// Commits `n` rows (untimed), then drains them with `relays` relays (timed).
+fn relay_workload<'a>(
+    o: &'a Options,
+    store: &'a SqlStore,
+    destination: &'a str,
+    publisher: &'a Arc<dyn Publisher>,
+    relays: usize,
+) -> measure::Workload<'a> {
+    measure::workload(move |n| async move {
+        fill(store, destination, n, o).await?;
+        relay_run(store, publisher, relays, n, o).await
+    })
+}
+
 /// One and two relays from PostgreSQL and one from SQLite to `destination`, with the
 /// ratio to `raw_ceiling` (the raw client's confirmed-publish rate measured just before
 /// on the same broker).
@@ -153,34 +360,27 @@ pub async fn bench(
 ) -> Result<Vec<Row>, String> {
     let pg = store(false).await?;
     let lite = store(true).await?;
-    for s in [&pg, &lite] {
-        fill(s, destination, o.warmup(), o).await?;
-        relay_run(s, publisher, 1, o.warmup(), o).await?;
-    }
-    let (mut one, mut two, mut sqlite) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..o.repetitions {
-        fill(&pg, destination, o.messages, o).await?;
-        one.push(relay_run(&pg, publisher, 1, o.messages, o).await?);
-        fill(&pg, destination, o.messages, o).await?;
-        two.push(relay_run(&pg, publisher, 2, o.messages, o).await?);
-        fill(&lite, destination, o.messages, o).await?;
-        sqlite.push(relay_run(&lite, publisher, 1, o.messages, o).await?);
-    }
+    // Each workload commits its rows untimed, then times only the relays' drain.
+    let relays = |store, relays| relay_workload(o, store, destination, publisher, relays);
+    let runs = measure::alternate(
+        o.repetitions,
+        o.warmup(),
+        &[
+            (o.messages, relays(&pg, 1)),
+            (o.messages, relays(&pg, 2)),
+            (o.messages, relays(&lite, 1)),
+        ],
+        None,
+    )
+    .await?;
+    let [one, two, sqlite] = [&runs[0], &runs[1], &runs[2]];
     clear(&pg).await?;
     pg.close().await;
     lite.close().await;
-    // The SQLite file is the benchmark's own; WAL side files go with it.
-    if let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) {
-        let prefix = format!("surety-bench-{}.db", std::process::id());
-        for entry in dir.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(&prefix) {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-    }
-    let one = measure::summarise(&one);
-    let two = measure::summarise(&two);
-    let sqlite = measure::summarise(&sqlite);
+    remove_sqlite_files();
+    let one = measure::summarise(one);
+    let two = measure::summarise(two);
+    let sqlite = measure::summarise(sqlite);
     let versus = |s: &measure::Summary, goal: &str| {
         format!(
             "{:.2} ÷ raw ceiling ({goal})",
@@ -193,10 +393,12 @@ pub async fn bench(
         two.rate / one.rate.max(1e-9)
     );
     let row = |scenario: &str, summary: measure::Summary, ratio: String| Row {
+        scenario_no: 4,
         broker,
         scenario: scenario.into(),
         messages: o.messages,
         window: o.relay_batch,
+        payload: o.payload,
         summary,
         ratio,
     };

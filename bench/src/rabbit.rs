@@ -1,17 +1,19 @@
-//! RabbitMQ: Surety's publisher against raw lapin, and lapin's confirm strategies against
-//! transactions.
+//! RabbitMQ: Surety's publisher against raw lapin (scenario 1), lapin's confirm strategies
+//! against transactions (2), Surety's store-backed half messages (3), then the relay (4),
+//! the inbox (5) and end-to-end latency (6) through this broker.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions};
-use lapin::types::ShortString;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
-use surety_core::{Broker, Message, Publisher, Topology};
+use surety_core::{Broker, Publisher, Topology};
 use surety_rabbitmq::{RabbitBroker, RabbitConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::measure::{self, Run};
+use crate::measure::{self, Run, Workload};
 use crate::{Options, Row, fail};
 
 /// The destination's name starts with this and ends with the queue type
@@ -23,6 +25,7 @@ const CLAIM: f64 = 250.0;
 
 /// Everything the RabbitMQ scenarios share.
 struct Rig {
+    broker: Arc<dyn Broker>,
     destination: String,
     queue_type: &'static str,
     publisher: Arc<dyn Publisher>,
@@ -39,6 +42,9 @@ async fn rig() -> Result<Rig, String> {
     let router = config.router_exchange.clone();
     let queue_type = config.queue_type.as_str();
     let destination = format!("{DESTINATION}-{queue_type}");
+    if let Some(version) = server_version(&url).await {
+        crate::machine::note_version("RabbitMQ", version);
+    }
     let broker = RabbitBroker::connect(config)
         .await
         .map_err(fail("surety rabbitmq connect"))?;
@@ -60,6 +66,7 @@ async fn rig() -> Result<Rig, String> {
     tx.tx_select().await.map_err(fail("tx.select"))?;
     let admin = connection.create_channel().await.map_err(fail("channel"))?;
     Ok(Rig {
+        broker: Arc::new(broker),
         destination,
         queue_type,
         publisher,
@@ -69,6 +76,55 @@ async fn rig() -> Result<Rig, String> {
         admin,
         _connection: connection,
     })
+}
+
+/// The broker's version from the `server-properties` of its `connection.start` frame
+/// (lapin does not expose them): connect, send the protocol header, read one frame.
+async fn server_version(url: &str) -> Option<String> {
+    // amqp://user:pass@host:port/vhost → host:port (5672 when absent).
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    let host_port = rest.split('/').next().unwrap_or(rest);
+    let address = if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:5672")
+    };
+    let read = async {
+        let mut socket = tokio::net::TcpStream::connect(address).await.ok()?;
+        socket.write_all(b"AMQP\x00\x00\x09\x01").await.ok()?;
+        let mut frame = vec![0u8; 4096];
+        let n = socket.read(&mut frame).await.ok()?;
+        let frame = &frame[..n];
+        let pattern = b"\x07versionS";
+        let at = frame.windows(pattern.len()).position(|w| w == pattern)? + pattern.len();
+        let len = u32::from_be_bytes(frame.get(at..at + 4)?.try_into().ok()?) as usize;
+        String::from_utf8(frame.get(at + 4..at + 4 + len)?.to_vec()).ok()
+    };
+    tokio::time::timeout(Duration::from_secs(3), read)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The AMQP properties Surety's codec writes for a message (see
+/// adapters/rabbitmq/src/codec.rs): a UUID message id, persistence, a timestamp and the
+/// `surety-created-at` header. Used by the diagnostic "raw + Surety's properties" run.
+fn surety_like_properties() -> BasicProperties {
+    let id = surety_core::MessageId::new();
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut table = FieldTable::default();
+    table.insert(
+        "surety-created-at".into(),
+        AMQPValue::LongString(LongString::from(millis.to_string().into_bytes())),
+    );
+    BasicProperties::default()
+        .with_message_id(id.as_str().into())
+        .with_delivery_mode(2)
+        .with_timestamp(millis / 1000)
+        .with_headers(table)
 }
 
 impl Rig {
@@ -90,12 +146,9 @@ impl Rig {
         channel: &Channel,
         router: &str,
         destination: &str,
-        i: usize,
+        properties: BasicProperties,
         payload: &[u8],
     ) -> Result<lapin::PublisherConfirm, String> {
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_message_id(ShortString::from(format!("bench-{i}")));
         channel
             .basic_publish(
                 router.into(),
@@ -111,11 +164,20 @@ impl Rig {
             .map_err(fail("basic.publish"))
     }
 
+    fn plain_properties(i: usize) -> BasicProperties {
+        BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(ShortString::from(format!("bench-{i}")))
+    }
+
+    /// Raw lapin: `window` confirmed publishes in flight, each awaited on its own.
+    /// `surety_properties`: with the properties Surety's codec writes (diagnostic).
     async fn raw_windowed(
         &self,
         messages: usize,
         window: usize,
         payload: &Bytes,
+        surety_properties: bool,
     ) -> Result<Run, String> {
         measure::windowed(messages, window, |i| {
             let channel = self.confirm.clone();
@@ -123,29 +185,15 @@ impl Rig {
             let destination = self.destination.clone();
             let payload = payload.clone();
             async move {
+                let properties = if surety_properties {
+                    surety_like_properties()
+                } else {
+                    Self::plain_properties(i)
+                };
                 let pending =
-                    Self::start_publish(&channel, &router, &destination, i, &payload).await?;
+                    Self::start_publish(&channel, &router, &destination, properties, &payload)
+                        .await?;
                 confirmed(pending.await.map_err(fail("confirm"))?)
-            }
-        })
-        .await
-    }
-
-    async fn surety_windowed(
-        &self,
-        messages: usize,
-        window: usize,
-        payload: &Bytes,
-    ) -> Result<Run, String> {
-        measure::windowed(messages, window, |_| {
-            let publisher = self.publisher.clone();
-            let message = Message::new(self.destination.as_str(), payload.clone());
-            async move {
-                publisher
-                    .publish(&message)
-                    .await
-                    .map(|_| ())
-                    .map_err(fail("surety publish"))
             }
         })
         .await
@@ -160,7 +208,16 @@ impl Rig {
             let payload = payload.clone();
             async move {
                 // In tx mode the publish has no confirm; the commit is the guarantee.
-                drop(Self::start_publish(&channel, &router, &destination, i, &payload).await?);
+                drop(
+                    Self::start_publish(
+                        &channel,
+                        &router,
+                        &destination,
+                        Self::plain_properties(i),
+                        &payload,
+                    )
+                    .await?,
+                );
                 channel.tx_commit().await.map_err(fail("tx.commit"))
             }
         })
@@ -183,8 +240,14 @@ impl Rig {
             let mut pending = Vec::with_capacity(n);
             for i in sent..sent + n {
                 pending.push(
-                    Self::start_publish(&self.confirm, &self.router, &self.destination, i, payload)
-                        .await?,
+                    Self::start_publish(
+                        &self.confirm,
+                        &self.router,
+                        &self.destination,
+                        Self::plain_properties(i),
+                        payload,
+                    )
+                    .await?,
                 );
             }
             for p in futures::future::join_all(pending).await {
@@ -199,6 +262,18 @@ impl Rig {
             latencies,
         })
     }
+
+    fn reset(&self) -> measure::Reset<'_> {
+        Box::new(move || Box::pin(self.purge()))
+    }
+
+    fn raw<'a>(&'a self, window: usize, payload: &'a Bytes, surety_props: bool) -> Workload<'a> {
+        measure::workload(move |n| self.raw_windowed(n, window, payload, surety_props))
+    }
+
+    fn surety<'a>(&'a self, payload: &'a Bytes, window: usize) -> Workload<'a> {
+        measure::surety_workload(&self.publisher, &self.destination, payload, window)
+    }
 }
 
 fn confirmed(confirmation: Confirmation) -> Result<(), String> {
@@ -210,74 +285,171 @@ fn confirmed(confirmation: Confirmation) -> Result<(), String> {
     }
 }
 
-/// Scenario 1 (Surety vs raw lapin) and scenario 2 (confirm strategies vs transactions).
+/// Every scenario on RabbitMQ.
 pub async fn bench(o: &Options) -> Result<Vec<Row>, String> {
     let rig = rig().await?;
     let payload = o.payload_bytes();
-    // Warm-up: connections, channels, the queue's first segment.
-    rig.raw_windowed(o.warmup(), o.window, &payload).await?;
-    rig.surety_windowed(o.warmup(), o.window, &payload).await?;
-    rig.purge().await?;
-
-    let (mut raw, mut surety) = (Vec::new(), Vec::new());
-    let slow = o.slow_messages();
-    let (mut tx, mut one, mut batches, mut stream) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..o.repetitions {
-        // Alternate raw and Surety inside each repetition so drift hits both alike.
-        raw.push(rig.raw_windowed(o.messages, o.window, &payload).await?);
-        rig.purge().await?;
-        surety.push(rig.surety_windowed(o.messages, o.window, &payload).await?);
-        rig.purge().await?;
-        if o.strategies {
-            tx.push(rig.tx_per_message(slow, &payload).await?);
-            rig.purge().await?;
-            one.push(rig.raw_windowed(slow, 1, &payload).await?);
-            rig.purge().await?;
-            batches.push(rig.confirm_batches(o.messages, 100, &payload).await?);
-            rig.purge().await?;
-            stream.push(rig.raw_windowed(o.messages, o.window, &payload).await?);
-            rig.purge().await?;
-        }
-    }
+    let reset = rig.reset();
     let raw_name = format!(
-        "lapin confirm channel, mandatory, persistent, {} queue",
+        "raw: lapin confirm channel, mandatory, persistent, {} queue",
         rig.queue_type
     );
-    let mut rows = crate::pair("rabbitmq", &raw_name, o, &raw, &surety);
-    if o.strategies {
-        let base = measure::summarise(&tx).rate;
-        let versus_tx = |s: &measure::Summary| {
-            format!("{:.1}× tx (claim ~{CLAIM:.0}×)", s.rate / base.max(1e-9))
-        };
-        for (name, messages, window, runs) in [
-            ("raw: tx.commit per message", slow, 1, &tx),
-            ("raw: confirm awaited per message", slow, 1, &one),
-            ("raw: confirms in batches of 100", o.messages, 100, &batches),
-            ("raw: streaming confirms", o.messages, o.window, &stream),
-        ] {
-            let summary = measure::summarise(runs);
-            let ratio = if std::ptr::eq(runs, &tx) {
-                "1.0× (baseline)".to_owned()
-            } else {
-                versus_tx(&summary)
-            };
-            rows.push(Row {
-                broker: "rabbitmq",
-                scenario: name.to_owned(),
-                messages,
-                window,
-                summary,
-                ratio,
-            });
+    let mut rows = Vec::new();
+    let mut ceiling = None;
+
+    if o.runs(1) || o.runs(2) {
+        // Scenarios 1 and 2 alternate in one loop: they share the channel and the queue.
+        let slow = o.slow_messages();
+        let mut workloads = vec![
+            (o.messages, rig.raw(o.window, &payload, false)),
+            (o.messages, rig.surety(&payload, o.window)),
+        ];
+        if o.runs(2) {
+            workloads.push((slow, measure::workload(|n| rig.tx_per_message(n, &payload))));
+            workloads.push((slow, rig.raw(1, &payload, false)));
+            workloads.push((
+                o.messages,
+                measure::workload(|n| rig.confirm_batches(n, 100, &payload)),
+            ));
+        }
+        if o.diagnose {
+            workloads.push((o.messages, rig.raw(o.window, &payload, true)));
+        }
+        let runs = measure::alternate(o.repetitions, o.warmup(), &workloads, Some(&reset)).await?;
+        ceiling = Some(measure::summarise(&runs[0]).rate);
+        if o.runs(1) {
+            rows.extend(crate::pair(
+                1,
+                "rabbitmq",
+                (&raw_name, &runs[0]),
+                ("surety: Publisher::publish", &runs[1]),
+                o.messages,
+                o.window,
+                o.payload,
+                "goal ≥ 0.95",
+            ));
+        }
+        if o.runs(2) {
+            let base = measure::summarise(&runs[2]).rate;
+            for (name, messages, window, i) in [
+                ("raw: tx.commit per message", slow, 1, 2),
+                ("raw: confirm awaited per message", slow, 1, 3),
+                ("raw: confirms in batches of 100", o.messages, 100, 4),
+                (
+                    "raw: streaming confirms (the raw row of 1)",
+                    o.messages,
+                    o.window,
+                    0,
+                ),
+            ] {
+                let summary = measure::summarise(&runs[i]);
+                let ratio = if i == 2 {
+                    "1.0× (baseline)".to_owned()
+                } else {
+                    format!(
+                        "{:.1}× tx (claim ~{CLAIM:.0}×)",
+                        summary.rate / base.max(1e-9)
+                    )
+                };
+                rows.push(Row {
+                    scenario_no: 2,
+                    broker: "rabbitmq",
+                    scenario: name.to_owned(),
+                    messages,
+                    window,
+                    payload: o.payload,
+                    summary,
+                    ratio,
+                });
+            }
+        }
+        if o.diagnose {
+            let last = runs.len() - 1;
+            rows.extend(
+                crate::pair(
+                    1,
+                    "rabbitmq",
+                    (&raw_name, &runs[0]),
+                    (
+                        "diagnostic: raw lapin with Surety's AMQP properties",
+                        &runs[last],
+                    ),
+                    o.messages,
+                    o.window,
+                    o.payload,
+                    "diagnostic, no goal",
+                )
+                .into_iter()
+                .skip(1),
+            );
         }
     }
-    if o.outbox {
-        let ceiling = rows[0].summary.rate;
+    if o.runs(1) {
+        for &size in o.extra_payloads.iter().filter(|s| **s > 0) {
+            let extra = crate::Options::payload_of(size);
+            let n = o.messages_at(size);
+            let runs = measure::alternate(
+                o.repetitions,
+                o.warmup().min(n),
+                &[
+                    (n, rig.raw(o.window, &extra, false)),
+                    (n, rig.surety(&extra, o.window)),
+                ],
+                Some(&reset),
+            )
+            .await?;
+            rows.extend(crate::pair(
+                1,
+                "rabbitmq",
+                (&raw_name, &runs[0]),
+                ("surety: Publisher::publish", &runs[1]),
+                n,
+                o.window,
+                size,
+                "goal ≥ 0.95",
+            ));
+        }
+    }
+    if o.runs(3) {
+        rows.extend(
+            crate::halfmsg::bench(
+                o,
+                "rabbitmq",
+                rig.broker.clone(),
+                &rig.destination,
+                &rig.publisher,
+                Some(&reset),
+            )
+            .await?,
+        );
+    }
+    if o.runs(4) {
+        let ceiling = match ceiling {
+            Some(c) => c,
+            None => {
+                measure::summarise(&[rig
+                    .raw_windowed(o.messages, o.window, &payload, false)
+                    .await?])
+                .rate
+            }
+        };
+        rig.purge().await?;
         rows.extend(
             crate::outbox::bench(o, "rabbitmq", &rig.destination, &rig.publisher, ceiling).await?,
         );
         rig.purge().await?;
+    }
+    if o.runs(5) || o.runs(6) {
+        rows.extend(
+            crate::consume::bench(
+                o,
+                "rabbitmq",
+                rig.broker.clone(),
+                &rig.destination,
+                &rig.publisher,
+            )
+            .await?,
+        );
     }
     Ok(rows)
 }
