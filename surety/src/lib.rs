@@ -14,7 +14,19 @@
 //! | `rabbitmq` | `rabbitmq`: RabbitMQ (lapin): confirmed mandatory publish, tx, delay-queue retries, dead letters, reconnecting consumers |
 //! | `kafka` | `kafka`: Apache Kafka (rdkafka): idempotent confirmed send, transactions, exactly-once read-process-write |
 //! | `rocketmq` | `rocketmq`: Apache RocketMQ (rocketmq-client-rust): honest send status, native half messages with check-back, retry and dead letters |
-//! | `sql` | `sql`: outbox + relay, idempotent inbox, prepared-message store (half messages for any broker), on PostgreSQL and SQLite |
+//! | `postgres` | `sql`: outbox + relay, idempotent inbox, prepared-message store (half messages for any broker), on PostgreSQL |
+//! | `sqlite` | `sql`: the same on SQLite (one relay per database file) |
+//! | `sql` | both `postgres` and `sqlite` |
+//!
+//! `postgres` and `sqlite` both enable the `sql` module; for now the workspace's sqlx
+//! dependency compiles both database drivers whichever one is chosen.
+//!
+//! The features are additive: any combination compiles (`tests/features.rs` checks each
+//! one alone and all together). Switching broker is one feature and one URL:
+//!
+//! ```toml
+//! surety = { version = "0.1", default-features = false, features = ["kafka", "postgres"] }
+//! ```
 //!
 //! [`connect`] turns a URL into an `Arc<dyn Broker>`, so an application switches broker by
 //! changing one feature and one URL. Libraries should depend on `surety-core` alone;
@@ -55,6 +67,7 @@ pub use surety_kafka as kafka;
 #[cfg(feature = "rocketmq")]
 pub use surety_rocketmq as rocketmq;
 
-/// The local message table: outbox, relay, inbox, prepared messages (feature `sql`).
-#[cfg(feature = "sql")]
+/// The local message table: outbox, relay, inbox, prepared messages (feature `postgres`
+/// or `sqlite`).
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub use surety_sql as sql;
