@@ -67,6 +67,27 @@ pub fn record_publish(adapter: &'static str, destination: &str, result: Result<(
     }
 }
 
+/// [`record_publish`], plus the time since `started` in [`PUBLISH_SECONDS`] when the
+/// publish was confirmed.
+pub fn record_publish_since(
+    adapter: &'static str,
+    destination: &str,
+    result: Result<(), ErrorKind>,
+    started: std::time::Instant,
+) {
+    let confirmed = result.is_ok();
+    record_publish(adapter, destination, result);
+    if confirmed {
+        metrics::histogram!(PUBLISH_SECONDS, "adapter" => adapter)
+            .record(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Records a delivery handed to a handler.
+pub fn record_delivered(adapter: &'static str, group: &str) {
+    metrics::counter!(DELIVERED, "adapter" => adapter, "group" => group.to_owned()).increment(1);
+}
+
 /// Records a check-back answer.
 pub fn record_check_back(state: TxState) {
     metrics::counter!(CHECK_BACKS, "state" => state.as_str()).increment(1);

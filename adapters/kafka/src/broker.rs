@@ -270,11 +270,13 @@ impl Inner {
 
     /// A confirmed publish: validate, check the topic, send, wait for the report.
     pub(crate) async fn publish(&self, message: &Message) -> Result<Receipt> {
+        let started = Instant::now();
         let result = self.publish_inner(message).await;
-        telemetry::record_publish(
+        telemetry::record_publish_since(
             ADAPTER,
             message.destination(),
             result.as_ref().map(|_| ()).map_err(Error::kind),
+            started,
         );
         result
     }

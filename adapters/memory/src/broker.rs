@@ -177,13 +177,21 @@ impl Shared {
     }
 
     pub(crate) fn publish(&self, message: &Message) -> Result<Receipt> {
+        let started = std::time::Instant::now();
+        let _span = tracing::debug_span!(
+            telemetry::SPAN_PUBLISH,
+            message_id = %message.id(),
+            destination = %message.destination()
+        )
+        .entered();
         let result = self
             .check(message)
             .and_then(|()| Shared::publish_locked(&mut self.lock(), message));
-        telemetry::record_publish(
+        telemetry::record_publish_since(
             ADAPTER,
             message.destination(),
             result.as_ref().map(|_| ()).map_err(Error::kind),
+            started,
         );
         if result.is_ok() {
             self.wake();

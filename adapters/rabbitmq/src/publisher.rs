@@ -170,15 +170,12 @@ impl Publisher for RabbitPublisher {
         }
         .instrument(span)
         .await;
-        telemetry::record_publish(
+        telemetry::record_publish_since(
             ADAPTER,
             message.destination(),
             result.as_ref().map(|_| ()).map_err(Error::kind),
+            start,
         );
-        if result.is_ok() {
-            metrics::histogram!(telemetry::PUBLISH_SECONDS, "adapter" => ADAPTER)
-                .record(start.elapsed().as_secs_f64());
-        }
         result.map(|()| Receipt::for_message(message))
     }
 

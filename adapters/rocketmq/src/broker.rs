@@ -529,11 +529,19 @@ impl RocketMqPublisher {
         topic: &str,
         extra: &[(&'static str, String)],
     ) -> Result<Receipt> {
-        let result = self.publish_inner(message, topic, extra).await;
-        telemetry::record_publish(
+        let started = std::time::Instant::now();
+        let span = tracing::debug_span!(
+            telemetry::SPAN_PUBLISH,
+            message_id = %message.id(),
+            destination = %topic
+        );
+        let result =
+            tracing::Instrument::instrument(self.publish_inner(message, topic, extra), span).await;
+        telemetry::record_publish_since(
             ADAPTER,
             topic,
             result.as_ref().map(|_| ()).map_err(|e| e.kind()),
+            started,
         );
         result
     }

@@ -128,6 +128,7 @@ impl Runner {
             attempt,
             group: group.clone(),
         };
+        telemetry::record_delivered(ADAPTER, &group);
         let result = run_handler(self.handler.as_ref(), &delivery).await;
         let disposition = decide(&result, attempt, &self.sub.retry);
         telemetry::record_settled(ADAPTER, &group, &disposition);
