@@ -187,24 +187,14 @@ impl std::fmt::Display for HandlerFailure {
 }
 
 /// Runs a handler, catching a panic so that it becomes a retry instead of killing the
-/// consumer, inside a [`crate::telemetry::SPAN_CONSUME`] span carrying the message id,
-/// destination, group and attempt (every adapter consumes through here).
+/// consumer.
 pub async fn run_handler(
     handler: &dyn Handler,
     delivery: &Delivery,
 ) -> Result<Outcome, HandlerFailure> {
-    let span = tracing::info_span!(
-        crate::telemetry::SPAN_CONSUME,
-        message_id = %delivery.message.id(),
-        destination = %delivery.message.destination(),
-        group = %delivery.group,
-        attempt = delivery.attempt,
-    );
-    match tracing::Instrument::instrument(
-        AssertUnwindSafe(handler.handle(delivery)).catch_unwind(),
-        span,
-    )
-    .await
+    match AssertUnwindSafe(handler.handle(delivery))
+        .catch_unwind()
+        .await
     {
         Ok(Ok(outcome)) => Ok(outcome),
         Ok(Err(e)) => Err(HandlerFailure::Error(e.to_string())),

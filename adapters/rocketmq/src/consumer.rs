@@ -41,6 +41,7 @@ use surety_core::{
 };
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
+use tracing::Instrument;
 
 use crate::ADAPTER;
 use crate::broker::{RocketMqPublisher, Shared};
@@ -129,7 +130,16 @@ impl Runner {
             group: group.clone(),
         };
         telemetry::record_delivered(ADAPTER, &group);
-        let result = run_handler(self.handler.as_ref(), &delivery).await;
+        let span = tracing::info_span!(
+            telemetry::SPAN_CONSUME,
+            message_id = %delivery.message.id(),
+            destination = %delivery.message.destination(),
+            group = %group,
+            attempt = delivery.attempt,
+        );
+        let result = run_handler(self.handler.as_ref(), &delivery)
+            .instrument(span)
+            .await;
         let disposition = decide(&result, attempt, &self.sub.retry);
         telemetry::record_settled(ADAPTER, &group, &disposition);
         match disposition {
