@@ -164,9 +164,27 @@ fn scan(
     for p in &partitions {
         all.add_partition(topic, *p);
     }
-    let committed = consumer
-        .committed_offsets(all, timeout)
-        .map_err(|e| broker_error("re-drive cursor", &e))?;
+    // A group the cluster has not seen yet gets its coordinator assigned (and loaded) on
+    // first use: "not coordinator" and "loading" answers are transient, so ask again.
+    let deadline = std::time::Instant::now() + timeout;
+    let committed = loop {
+        match consumer.committed_offsets(all.clone(), timeout) {
+            Ok(committed) => break committed,
+            Err(e)
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::NotCoordinator
+                            | RDKafkaErrorCode::CoordinatorLoadInProgress
+                            | RDKafkaErrorCode::CoordinatorNotAvailable
+                    )
+                ) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            Err(e) => return Err(broker_error("re-drive cursor", &e)),
+        }
+    };
     let mut cursors = HashMap::new();
     let mut assignment = TopicPartitionList::new();
     for p in &partitions {
