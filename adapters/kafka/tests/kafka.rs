@@ -447,3 +447,83 @@ async fn dead_letters_are_listed_and_redriven_with_a_fresh_attempt_count() {
         "each dead letter comes back once, as attempt 1"
     );
 }
+
+/// Records from a producer that is not Surety, with malformed envelopes (no id, a
+/// non-UTF-8 key and header value, Surety headers holding garbage): each is delivered with
+/// an id taken from its position, and the consumer goes on to the next message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_records_from_a_foreign_producer_never_stop_the_consumer() {
+    use rdkafka::ClientConfig;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let broker = broker().await;
+    let topic = unique("foreign");
+    broker.declare(&Topology::new(&topic)).await.unwrap();
+    let raw: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.config().bootstrap_servers)
+        .create()
+        .unwrap();
+    let garbage = OwnedHeaders::new()
+        .insert(Header {
+            key: "surety-message-id",
+            value: Some("has spaces and \u{7f}"),
+        })
+        .insert(Header {
+            key: "surety-attempt",
+            value: Some("many"),
+        })
+        .insert(Header {
+            key: "surety-created-at",
+            value: Some("yesterday"),
+        })
+        .insert(Header {
+            key: "binary",
+            value: Some(&[0xff_u8, 0xfe, 0x00][..]),
+        });
+    let records: Vec<(Option<&[u8]>, Option<OwnedHeaders>)> =
+        vec![(None, None), (Some(&[0xc3, 0x28][..]), Some(garbage))];
+    for (key, headers) in records {
+        let mut record = FutureRecord::<[u8], [u8]>::to(&topic).payload(&[0x00, 0x9f, 0x92][..]);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(headers) = headers {
+            record = record.headers(headers);
+        }
+        raw.send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    let valid = Message::new(&topic, "after the strangers");
+    broker
+        .publisher()
+        .await
+        .unwrap()
+        .publish(&valid)
+        .await
+        .unwrap();
+
+    let seen = Seen::default();
+    let handle = read_all(&broker, &topic, &seen).await;
+    let all_there = wait(Duration::from_secs(60), || seen.ids().len() >= 3).await;
+    handle.shutdown().await;
+    assert!(all_there, "only {} of 3 delivered", seen.ids().len());
+    let messages = seen.messages();
+    assert!(
+        messages.iter().any(|m| m.id() == valid.id()),
+        "the valid one after them"
+    );
+    let strangers: Vec<&Message> = messages.iter().filter(|m| m.id() != valid.id()).collect();
+    assert_eq!(strangers.len(), 2);
+    for m in strangers {
+        // No usable id: the record's position is its identity, stable across redeliveries.
+        assert!(m.id().as_str().starts_with(&topic), "{:?}", m.id());
+        assert_eq!(m.payload().as_ref(), &[0x00, 0x9f, 0x92]);
+        assert!(
+            m.header("binary").is_none(),
+            "a non-UTF-8 header value is dropped"
+        );
+    }
+}

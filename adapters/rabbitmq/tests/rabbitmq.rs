@@ -715,3 +715,80 @@ async fn a_failed_redrive_keeps_the_dead_letter() {
     let e = dead.list(&dest, "nobody", 10).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Configuration, "{e}");
 }
+
+/// Messages from a publisher that is not Surety, with malformed envelopes (no id, Surety
+/// headers holding garbage or the wrong AMQP types, a nested table, bytes that are not
+/// UTF-8): each reaches the handler with an id, and the consumer goes on to the next one.
+#[tokio::test]
+async fn malformed_messages_from_a_foreign_publisher_never_stop_the_consumer() {
+    use lapin::options::BasicPublishOptions;
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+    let config = config();
+    let broker = connect_with(config.clone()).await;
+    let dest = name("foreign");
+    let group = name("g");
+    broker
+        .declare(&Topology::new(&dest).group(&group))
+        .await
+        .unwrap();
+
+    let raw = Connection::connect(&config.url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = raw.create_channel().await.unwrap();
+    let mut garbage = FieldTable::default();
+    let long = |b: &[u8]| AMQPValue::LongString(LongString::from(b.to_vec()));
+    garbage.insert("surety-message-id".into(), long(b"has spaces"));
+    garbage.insert("surety-attempt".into(), long(b"many"));
+    garbage.insert("surety-created-at".into(), AMQPValue::Boolean(true));
+    garbage.insert("binary".into(), long(&[0xff, 0xfe, 0x00]));
+    garbage.insert(
+        "nested".into(),
+        AMQPValue::FieldTable(FieldTable::default()),
+    );
+    let envelopes = [
+        BasicProperties::default(),
+        BasicProperties::default().with_headers(garbage),
+    ];
+    for properties in envelopes {
+        channel
+            .basic_publish(
+                config.router_exchange.as_str().into(),
+                dest.as_str().into(),
+                BasicPublishOptions::default(),
+                &[0x00, 0x9f, 0x92],
+                properties,
+            )
+            .await
+            .unwrap();
+    }
+    let valid = Message::new(&dest, "after the strangers");
+    broker
+        .publisher()
+        .await
+        .unwrap()
+        .publish(&valid)
+        .await
+        .unwrap();
+
+    let (handle, seen) = collect(&broker, Subscription::new(&dest, &group), |_| Outcome::Ack).await;
+    let all_there = wait_for(Duration::from_secs(30), || seen.lock().unwrap().len() >= 3).await;
+    handle.shutdown().await;
+    let _ = raw.close(200, "OK".into()).await;
+    let deliveries = seen.lock().unwrap().clone();
+    assert!(all_there, "only {} of 3 delivered", deliveries.len());
+    assert!(
+        deliveries.iter().any(|d| d.message.id() == valid.id()),
+        "the valid message after them"
+    );
+    for d in deliveries.iter().filter(|d| d.message.id() != valid.id()) {
+        assert_eq!(
+            d.attempt, 1,
+            "garbage in surety-attempt counts as a first delivery"
+        );
+        assert_eq!(d.message.payload().as_ref(), &[0x00, 0x9f, 0x92]);
+        assert!(!d.message.id().as_str().contains(' '));
+    }
+}
