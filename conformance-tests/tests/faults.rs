@@ -1101,7 +1101,7 @@ fn write_guarantees(adapters: &[String], matrix: &str, passed: bool) -> std::io:
          - `{POISON}`: {POISON_MESSAGES} messages, every 10th poison (alternately rejected by the handler and failing until 3 attempts are used up).\n\
          - `{STALL}`: {STALL_MESSAGES} publishes with confirm through the proxies, which hold every byte for {stall} s half-way (longer than the clients' 5 s confirm / request timeouts and RocketMQ's 3 s send timeout), then let them flow again; same rules as the cut, recovery measured from the end of the stall.\n\
          - `{BAD}`: oversized payload, empty / spaced / non-ASCII header names, a newline in a header value, a control character in a key, empty and malformed destinations: each a permanent `invalid_message`; declaring or subscribing to an empty destination is a typed error; nothing reaches a consumer.\n\n\
-         Not covered yet (issue 8): malformed envelopes from a foreign producer.\n",
+         Malformed envelopes from a foreign producer (no id, garbage in Surety's headers, bytes that are not UTF-8) are covered by each adapter's own tests with the broker's raw client: `malformed_*_from_a_foreign_*` in `adapters/{{kafka,rabbitmq,rocketmq}}/tests/`; each message reaches the handler with an id or is dead-lettered with the reason, and the consumer goes on.\n",
         date = today(),
         stall = STALL_PAUSE.as_secs(),
         result = if passed { "pass" } else { "FAIL" },

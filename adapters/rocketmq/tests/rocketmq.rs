@@ -474,3 +474,125 @@ async fn dead_letters_are_listed_and_redriven_with_a_fresh_attempt_count() {
         back(&seen)
     );
 }
+
+/// Messages from a producer that is not Surety: one with no Surety properties reaches the
+/// handler (its broker key is its id); one whose `surety-message-id` is not a valid id is
+/// dead-lettered with the reason; the consumer goes on to the next message either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_envelopes_from_a_foreign_producer_never_stop_the_consumer() {
+    use cheetah_string::CheetahString;
+    use rocketmq_client_rust::{
+        ClientConfig, ClientRuntime, ClientRuntimeConfig, DefaultMQProducer, TelemetryHandle,
+    };
+    use rocketmq_model::common::message::MessageTrait;
+    use rocketmq_model::common::message::message_single::Message as RmqMessage;
+    use rocketmq_runtime::{RuntimeConfig, RuntimeOwner};
+    use std::time::Instant;
+
+    let broker = broker().await;
+    let (topic, group) = (name("foreign"), name("g"));
+    broker
+        .declare(&Topology::new(&topic).group(&group))
+        .await
+        .unwrap();
+
+    // The raw client wants its runtime built off the async context, and kept alive.
+    let runtime = std::thread::spawn(|| {
+        let owner = RuntimeOwner::plan(RuntimeConfig::for_parallelism("surety-foreign", 2))
+            .unwrap()
+            .build()
+            .unwrap();
+        let runtime = ClientRuntime::try_new(
+            owner.root_context().component("client"),
+            ClientRuntimeConfig::default(),
+            TelemetryHandle::noop(),
+        )
+        .unwrap();
+        std::mem::forget(owner);
+        runtime
+    })
+    .join()
+    .unwrap();
+    let namesrv = RocketMqConfig::from_env().namesrv;
+    let mut client = ClientConfig::new();
+    client.set_namesrv_addr(CheetahString::from(namesrv.as_str()));
+    client.set_instance_name(CheetahString::from(format!("foreign-{}", rand_u32())));
+    client.set_vip_channel_enabled(false);
+    let mut producer = DefaultMQProducer::builder(runtime)
+        .client_config(client)
+        .producer_group(name("foreign-producer"))
+        .name_server_addr(namesrv.as_str())
+        .build();
+    producer.start().await.unwrap();
+    let plain = RmqMessage::builder()
+        .topic(topic.as_str())
+        .body(vec![0x00_u8, 0x9f, 0x92])
+        .build_unchecked();
+    let mut malformed = RmqMessage::builder()
+        .topic(topic.as_str())
+        .body(vec![0x01_u8])
+        .build_unchecked();
+    malformed.put_property(
+        CheetahString::from_static_str("surety-message-id"),
+        CheetahString::from_static_str("has spaces"),
+    );
+    for m in [plain, malformed] {
+        producer.send(m).await.unwrap();
+    }
+    let valid = Message::new(&topic, "after the strangers");
+    broker
+        .publisher()
+        .await
+        .unwrap()
+        .publish(&valid)
+        .await
+        .unwrap();
+
+    let seen: Arc<Mutex<Vec<Message>>> = Arc::default();
+    let s = seen.clone();
+    let handle = broker
+        .subscriber()
+        .await
+        .unwrap()
+        .subscribe(
+            Subscription::new(&topic, &group),
+            Arc::new(handler_fn(move |d: surety_core::Delivery| {
+                let s = s.clone();
+                async move {
+                    s.lock().unwrap().push(d.message);
+                    Ok(Outcome::Ack)
+                }
+            })),
+        )
+        .await
+        .unwrap();
+    let dead_letters = broker.dead_letters().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let dead = loop {
+        let dead = dead_letters.list(&topic, &group, 10).await.unwrap();
+        if (seen.lock().unwrap().len() >= 2 && !dead.is_empty()) || Instant::now() > deadline {
+            break dead;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    handle.shutdown().await;
+    let delivered = seen.lock().unwrap().clone();
+    assert!(
+        delivered.iter().any(|m| m.id() == valid.id()),
+        "the valid message after the strangers: {delivered:?}"
+    );
+    assert!(
+        delivered
+            .iter()
+            .any(|m| m.id() != valid.id() && m.payload().as_ref() == [0x00, 0x9f, 0x92]),
+        "the plain foreign message: {delivered:?}"
+    );
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(
+        dead[0]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("undecodable")),
+        "{dead:?}"
+    );
+}
