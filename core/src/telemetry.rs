@@ -89,8 +89,8 @@ pub fn record_delivered(adapter: &'static str, group: &str) {
 }
 
 /// Records a check-back answer.
-pub fn record_check_back(state: TxState) {
-    metrics::counter!(CHECK_BACKS, "state" => state.as_str()).increment(1);
+pub fn record_check_back(adapter: &'static str, state: TxState) {
+    metrics::counter!(CHECK_BACKS, "adapter" => adapter, "state" => state.as_str()).increment(1);
 }
 
 /// Records how a delivery was settled.

@@ -132,12 +132,20 @@ pub async fn run_local_transaction(message: &Message, local: LocalTransaction<'_
     }
 }
 
-/// Asks a check-back, turning a panic into `Unknown` (asked again later).
-pub async fn run_check_back(check_back: &dyn CheckBack, message: &Message) -> TxState {
-    let state = match AssertUnwindSafe(check_back.check(message))
-        .catch_unwind()
-        .await
-    {
+/// Asks a check-back for `adapter`, turning a panic into `Unknown` (asked again later),
+/// inside a [`crate::telemetry::SPAN_CHECK_BACK`] span with the message id and destination.
+pub async fn run_check_back(
+    adapter: &'static str,
+    check_back: &dyn CheckBack,
+    message: &Message,
+) -> TxState {
+    let span = tracing::info_span!(
+        crate::telemetry::SPAN_CHECK_BACK,
+        message_id = %message.id(),
+        destination = %message.destination(),
+    );
+    let asked = AssertUnwindSafe(check_back.check(message)).catch_unwind();
+    let state = match tracing::Instrument::instrument(asked, span).await {
         Ok(state) => state,
         Err(panic) => {
             tracing::error!(
@@ -148,7 +156,7 @@ pub async fn run_check_back(check_back: &dyn CheckBack, message: &Message) -> Tx
             TxState::Unknown
         }
     };
-    crate::telemetry::record_check_back(state);
+    crate::telemetry::record_check_back(adapter, state);
     state
 }
 

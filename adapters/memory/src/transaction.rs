@@ -186,10 +186,7 @@ async fn check_once(shared: &Shared) {
         due
     };
     for (id, message, check_back) in due {
-        let span = tracing::info_span!(telemetry::SPAN_CHECK_BACK, message_id = %id);
-        let answer = run_check_back(check_back.as_ref(), &message)
-            .instrument(span)
-            .await;
+        let answer = run_check_back(ADAPTER, check_back.as_ref(), &message).await;
         let mut state = shared.lock();
         match answer {
             TxState::Commit => {

@@ -91,7 +91,7 @@ impl TransactionListener for Bridge {
         let check_back = self.check_back.clone();
         let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.app.spawn(async move {
-                let state = run_check_back(check_back.as_ref(), &message).await;
+                let state = run_check_back(ADAPTER, check_back.as_ref(), &message).await;
                 let _ = tx.send(state);
             })
         }));

@@ -216,7 +216,7 @@ impl Checker {
                 continue;
             }
             stats.checked += 1;
-            match run_check_back(self.check_back.as_ref(), &entry.message).await {
+            match run_check_back(ADAPTER, self.check_back.as_ref(), &entry.message).await {
                 TxState::Commit => {
                     if self.store.commit_prepared(entry.id).await? {
                         stats.committed += 1;
