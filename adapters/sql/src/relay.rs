@@ -90,6 +90,9 @@ impl std::fmt::Debug for Relay {
     }
 }
 
+/// How often a running relay refreshes the outbox depth and lag gauges.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(10);
+
 impl Relay {
     /// A relay for `store`'s outbox publishing through `publisher`.
     pub fn new(store: SqlStore, publisher: Arc<dyn Publisher>, config: RelayConfig) -> Relay {
@@ -154,9 +157,27 @@ impl Relay {
     pub fn spawn(&self) -> Worker {
         let relay = self.clone();
         let idle = self.config.poll_interval;
+        // The outbox gauges (depth per state, lag) are refreshed on a slower clock than
+        // the polls: counting rows per state scans the table.
+        let gauges_due = Arc::new(std::sync::Mutex::new(std::time::Instant::now()));
         Worker::spawn(idle, move || {
             let relay = relay.clone();
+            let gauges_due = gauges_due.clone();
             async move {
+                let refresh = {
+                    let mut due = gauges_due.lock().unwrap_or_else(|e| e.into_inner());
+                    let now = std::time::Instant::now();
+                    let refresh = now >= *due;
+                    if refresh {
+                        *due = now + GAUGE_INTERVAL;
+                    }
+                    refresh
+                };
+                if refresh {
+                    // Failures here are the database being down: the pass below says so.
+                    let _ = relay.store.counts().await;
+                    let _ = relay.store.lag().await;
+                }
                 match relay.run_once().await {
                     // A full batch: more may be due at once.
                     Ok(stats) => stats.claimed >= relay.config.batch_size.max(1) as u64,
