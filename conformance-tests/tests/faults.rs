@@ -741,10 +741,15 @@ async fn relay_kill(
             &[(CHILD_ADAPTER, adapter), (CHILD_PREFIX, &effects.prefix)],
         )?);
     }
+    let leased_sql = format!(
+        "SELECT COUNT(*) FROM {outbox_table} WHERE state = 'PENDING' AND lease_owner IS NOT NULL"
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut reached = false;
     while Instant::now() < deadline {
-        if sent().await? >= kill_at {
+        // Kill mid-batch: enough rows sent, and a batch leased but not yet marked sent
+        // (between two batches nothing is in flight and the kill would prove less).
+        if sent().await? >= kill_at && count_rows(&pool, leased_sql.clone()).await? > 0 {
             reached = true;
             break;
         }
@@ -770,11 +775,7 @@ async fn relay_kill(
         ));
     }
     let sent_at_kill = sent().await?;
-    let leased_at_kill = count_rows(
-        &pool,
-        format!("SELECT COUNT(*) FROM {outbox_table} WHERE state = 'PENDING' AND lease_owner IS NOT NULL"),
-    )
-    .await?;
+    let leased_at_kill = count_rows(&pool, leased_sql).await?;
 
     // The second relay (in this process) takes over, including the dead relay's leased
     // rows once their lease expires.
