@@ -21,7 +21,7 @@ const KEEP_INBOX: Duration = Duration::from_secs(1000 * 365 * 24 * 3600);
 
 pub(crate) async fn run(cli: &Cli) -> Outcome {
     if let Command::Verify { broker, cases } = &cli.command {
-        crate::verify::quiet_deliberate_panics();
+        surety_conformance::runner::quiet_deliberate_panics();
         // The database is optional here: it only backs RabbitMQ's and Kafka's half messages.
         let database = database_url(&cli.db).ok();
         let passed = crate::verify::verify(broker, database.as_deref(), cases, cli.json).await?;

@@ -4,11 +4,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use surety_conformance::runner::with_sql_half_messages;
 use surety_conformance::{CASES, Fixture, Report, Verdict};
 use surety_core::{Broker, Error, ErrorKind};
-use surety_sql::{
-    CheckerConfig, RelayConfig, SqlStore, StoreConfig, TableNames, WithSqlHalfMessages,
-};
+use surety_sql::{SqlStore, StoreConfig, TableNames};
 
 use crate::output::{Failure, print_json};
 use crate::redact::{redact_url, scrub};
@@ -163,7 +162,8 @@ async fn fixture(
                 adapter,
                 Fixture::new(broker)
                     .quiet_period(Duration::from_secs(2))
-                    .check_back_timeout(Duration::from_secs(40)),
+                    .check_back_timeout(Duration::from_secs(40))
+                    .settled_check_backs(true),
             ))
         }
         _ => Err(Error::new(
@@ -189,34 +189,5 @@ async fn with_half_messages(
     )
     .await?;
     store.migrate().await?;
-    let checker = CheckerConfig {
-        check_timeout: Duration::from_secs(2),
-        check_interval: Duration::from_millis(500),
-        poll_interval: Duration::from_millis(200),
-        ..CheckerConfig::default()
-    };
-    let relay = RelayConfig {
-        poll_interval: Duration::from_millis(100),
-        ..RelayConfig::default()
-    };
-    Ok(Arc::new(WithSqlHalfMessages::new(
-        broker, store, checker, relay,
-    )))
-}
-
-/// Cases panic on purpose inside handlers to prove a panic is a retry: keep those out of
-/// the output, print every other panic as usual.
-pub(crate) fn quiet_deliberate_panics() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let payload = info.payload();
-        let text = payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        if !text.starts_with(surety_conformance::DELIBERATE_PANIC) {
-            default(info);
-        }
-    }));
+    Ok(with_sql_half_messages(broker, store))
 }

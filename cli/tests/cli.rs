@@ -765,8 +765,28 @@ async fn dlq_cycle(url: &str, adapter: &str, audit: AuditAt) {
     // Then --all.
     let mut tail = vec!["--actor".to_owned(), "bob".to_owned()];
     tail.extend(audit.args());
-    let out = run_strings(&cmd(&["dlq", "redrive", "--all"], &tail));
+    let out = run_strings(&cmd(&["dlq", "redrive", "--all", "--json"], &tail));
     assert_eq!(out.status.code(), Some(0));
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let by_bob: Vec<String> = doc["redriven"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["message_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(by_bob.contains(&poison[1].id().to_string()), "{doc}");
+    if by_bob.len() > 1 {
+        // At-least-once upstream: a consumer redelivery (or a retried dead-letter send)
+        // can dead-letter one message twice, and every entry is re-driven. The inbox
+        // absorbs the extra delivery; nothing is lost.
+        eprintln!("{adapter}: a duplicate dead letter was re-driven too: {doc}");
+    }
+    assert!(
+        by_bob
+            .iter()
+            .all(|id| poison.iter().any(|m| m.id().as_str() == id.as_str())),
+        "{doc}"
+    );
 
     // The consumer gets both back, from attempt 1.
     let mut back = false;
@@ -804,10 +824,13 @@ async fn dlq_cycle(url: &str, adapter: &str, audit: AuditAt) {
         .iter()
         .filter(|r| r["to"] == dest.as_str())
         .collect();
-    assert_eq!(records.len(), 2, "{doc}");
+    // One record per re-driven message, in order: alice's, then bob's.
+    assert_eq!(records.len(), 1 + by_bob.len(), "{doc}");
     let dl = broker.dead_letter_destination(&dest, group);
-    for (r, (m, actor)) in records.iter().zip(poison.iter().zip(["alice", "bob"])) {
-        assert_eq!(r["message_id"], m.id().as_str(), "{r}");
+    let expected = std::iter::once((poison[0].id().to_string(), "alice"))
+        .chain(by_bob.iter().map(|id| (id.clone(), "bob")));
+    for (r, (id, actor)) in records.iter().zip(expected) {
+        assert_eq!(r["message_id"], id.as_str(), "{r}");
         assert_eq!(r["actor"], actor);
         assert_eq!(r["adapter"], adapter);
         assert_eq!(r["from"], dl.as_str());
@@ -823,7 +846,7 @@ async fn dlq_cycle(url: &str, adapter: &str, audit: AuditAt) {
         .await
         .unwrap();
         let rows = store.dlq_audit().list(0, 100).await.unwrap();
-        assert_eq!(rows.len(), 2);
+        assert_eq!(rows.len(), 1 + by_bob.len());
         assert_eq!(rows[0].entry.actor, "alice");
         let pool = store.pg_pool().unwrap();
         for table in ["outbox", "inbox", "migrations", "dlq_audit"] {

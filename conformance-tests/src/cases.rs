@@ -1,15 +1,15 @@
 //! The cases. Each is an async function from a [`Fixture`] to what it observed.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use surety_core::{
     Capability, CheckBack, Delivery, ErrorKind, Handler, HandlerError, Message, MessageId, Outcome,
-    Publisher, RetryPolicy, Subscription, SubscriptionHandle, Topology, TransactionalPublisher,
-    TxOutcome, TxState, check_back_fn, headers,
+    Publisher, RedriveSelection, RetryPolicy, Subscription, SubscriptionHandle, Topology,
+    TransactionalPublisher, TxOutcome, TxState, check_back_fn, headers,
 };
 
 use crate::support::{Collector, unique_name, wait_until};
@@ -54,6 +54,7 @@ pub static CASES: &[Case] = &[
     case!(retry_then_dead_letter, "a poison message is retried, then dead-lettered with reason and attempts; others flow", [DeadLetter]),
     case!(reject_dead_letters_at_once, "a rejected message is dead-lettered on its first delivery", [DeadLetter]),
     case!(dead_letter_unavailable_keeps_message, "if the dead-letter destination is unavailable, the message is kept, neither lost nor hot-looped", [DeadLetter]),
+    case!(dead_letters_listed_and_redriven, "dead letters are listed with reason and attempts without being removed, and each re-driven one comes back once as attempt 1", [DeadLetter]),
     case!(retry_after_delay, "Retry { after } is not delivered before the delay", [DelayedRetry]),
     case!(per_key_ordering, "messages with one key are processed in publish order, retries included", [OrderingPerKey]),
     case!(duplicate_detectable_by_id, "a message published twice is delivered with the same id both times", []),
@@ -810,6 +811,237 @@ async fn reject_dead_letters_at_once(f: Fixture) -> CaseResult {
     })
 }
 
+/// The operator's view of the dead letters (`Broker::dead_letters`, behind `surety dlq`):
+/// list, re-drive some by id, then the rest.
+async fn dead_letters_listed_and_redriven(f: Fixture) -> CaseResult {
+    let (dest, groups) = fresh(&f, "dlq-ops", &["g"]).await?;
+    let group = &groups[0];
+    let healed = Arc::new(AtomicBool::new(false));
+    let collector = {
+        let healed = healed.clone();
+        Collector::with(move |d: &Delivery| {
+            if !healed.load(Ordering::SeqCst) && header(d, "kind") == "poison" {
+                // Two lines: a dead-letter reason must stay one header-safe line.
+                Err("poison payload\nsecond line".into())
+            } else {
+                Ok(Outcome::Ack)
+            }
+        })
+    };
+    let handle = start(
+        &f,
+        Subscription::new(&dest, group).retry(fast_retry(2)),
+        &collector,
+    )
+    .await?;
+    let poison: Vec<Message> = (0..3)
+        .map(|i| {
+            Message::new(&dest, format!("poison {i}"))
+                .with_header("kind", "poison")
+                .with_header("tenant", "t1")
+        })
+        .collect();
+    let fine = Message::new(&dest, "fine");
+    let publisher = publisher(&f).await?;
+    publish_all(publisher.as_ref(), &poison).await?;
+    publish_all(publisher.as_ref(), std::slice::from_ref(&fine)).await?;
+    let poison_ids = ids(&poison);
+
+    let dlq = f
+        .broker
+        .dead_letters()
+        .await
+        .map_err(fail("dead letters"))?;
+    let list = |limit: usize| {
+        let (dlq, dest, group) = (dlq.clone(), dest.clone(), group.clone());
+        async move {
+            dlq.list(&dest, &group, limit)
+                .await
+                .map_err(fail("list dead letters"))
+        }
+    };
+    // At least once upstream: a redelivery (or a retried dead-letter send) may
+    // dead-letter one message twice. Each entry is a dead letter of its own; they are
+    // compared by distinct id, and the extra ones counted.
+    let distinct = |l: &[surety_core::DeadLetter]| -> Vec<MessageId> {
+        let mut ids: Vec<MessageId> = l.iter().map(|d| d.message.id().clone()).collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    };
+    let mut listed = Vec::new();
+    let deadline = tokio::time::Instant::now() + f.delivery_timeout * 2;
+    while tokio::time::Instant::now() < deadline {
+        listed = list(100).await?;
+        if distinct(&listed).len() >= poison.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut expected = poison_ids.clone();
+    expected.sort();
+    if distinct(&listed) != expected {
+        handle.shutdown().await;
+        return Err(format!(
+            "dead letters listed {:?}, expected the poison messages {expected:?}",
+            distinct(&listed)
+        ));
+    }
+    for d in &listed {
+        let reason = d.reason.as_deref().unwrap_or_default();
+        ensure!(
+            reason.contains("poison payload") && !reason.contains('\n'),
+            "dead letter reason {reason:?}: want the handler's error on one line"
+        );
+        ensure!(
+            d.attempts == Some(2),
+            "dead letter attempts {:?}, want 2",
+            d.attempts
+        );
+        ensure!(
+            d.original_destination.as_deref() == Some(dest.as_str()),
+            "dead letter origin {:?}",
+            d.original_destination
+        );
+        ensure!(
+            d.message.header("tenant") == Some("t1"),
+            "the dead letter lost the application's headers"
+        );
+    }
+    // Listing removes and reorders nothing.
+    let again = list(listed.len()).await?;
+    let order = |l: &[surety_core::DeadLetter]| -> Vec<MessageId> {
+        l.iter().map(|d| d.message.id().clone()).collect()
+    };
+    ensure!(
+        order(&again) == order(&listed),
+        "a second listing differs: {:?} then {:?}",
+        order(&listed),
+        order(&again)
+    );
+    ensure!(list(1).await?.len() == 1, "a page of 1 did not hold 1");
+
+    // The cause is fixed: re-drive the oldest by id (with an id that is not there), then
+    // the rest. (The oldest: on a log, re-driving an entry behind one that stays moves no
+    // cursor, and RocketMQ keeps listing it; see its adapter's docs.)
+    healed.store(true, Ordering::SeqCst);
+    let before: HashMap<MessageId, usize> = poison_ids
+        .iter()
+        .map(|id| (id.clone(), collector.of(id).len()))
+        .collect();
+    let first = listed[0].message.id().clone();
+    let stranger = MessageId::new();
+    let report = dlq
+        .redrive(
+            &dest,
+            group,
+            &RedriveSelection::Ids(vec![first.clone(), stranger.clone()]),
+        )
+        .await
+        .map_err(fail("re-drive by id"))?;
+    ensure!(
+        !report.redriven.is_empty()
+            && report
+                .redriven
+                .iter()
+                .all(|r| r.message_id == first && r.destination == dest),
+        "re-drive by id: {report:?}"
+    );
+    ensure!(
+        report.not_found == vec![stranger],
+        "re-drive by id: {report:?}"
+    );
+    let left = distinct(&list(100).await?);
+    let rest: Vec<MessageId> = expected
+        .iter()
+        .filter(|id| **id != first)
+        .cloned()
+        .collect();
+    if !left.contains(&first) {
+        ensure!(
+            left == rest,
+            "after re-driving one: {left:?}, want {rest:?}"
+        );
+        let twice = dlq
+            .redrive(&dest, group, &RedriveSelection::Ids(vec![first.clone()]))
+            .await
+            .map_err(fail("re-drive again"))?;
+        ensure!(
+            twice.redriven.is_empty() && twice.not_found == vec![first.clone()],
+            "a re-driven dead letter was re-driven again: {twice:?}"
+        );
+    }
+    let all = dlq
+        .redrive(&dest, group, &RedriveSelection::All)
+        .await
+        .map_err(fail("re-drive all"))?;
+    let all_ids = {
+        let mut ids: Vec<MessageId> = all.redriven.iter().map(|r| r.message_id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    };
+    ensure!(
+        rest.iter().all(|id| all_ids.contains(id))
+            && all_ids.iter().all(|id| expected.contains(id)),
+        "re-drive all: {all:?}"
+    );
+    let none = dlq
+        .redrive(&dest, group, &RedriveSelection::All)
+        .await
+        .map_err(fail("re-drive all again"))?;
+    ensure!(none.redriven.is_empty(), "re-drive all again: {none:?}");
+    ensure!(
+        list(100).await?.is_empty(),
+        "dead letters left after re-driving all"
+    );
+
+    // Each re-drive is delivered once, as attempt 1 (so each message at least once).
+    let redriven = report.redriven.len() + all.redriven.len();
+    let came_back = |c: &Collector| -> usize {
+        poison_ids
+            .iter()
+            .map(|id| c.of(id).len() - before.get(id).copied().unwrap_or(0))
+            .sum()
+    };
+    settle(&f, vec![handle], || came_back(&collector) >= redriven).await;
+    let mut lost = 0;
+    for id in &poison_ids {
+        let after: Vec<Delivery> = collector.of(id)[before[id]..].to_vec();
+        if after.is_empty() {
+            lost += 1;
+        }
+        for d in &after {
+            ensure!(
+                d.attempt == 1,
+                "{id} came back as attempt {}, want 1",
+                d.attempt
+            );
+            ensure!(
+                d.message.header(headers::DEAD_LETTER_REASON).is_none(),
+                "{id} came back still marked as a dead letter"
+            );
+            ensure!(
+                d.message.header("tenant") == Some("t1"),
+                "{id} came back without its headers"
+            );
+        }
+    }
+    ensure!(lost == 0, "{lost} re-driven messages never came back");
+    let delivered = came_back(&collector);
+    ensure!(
+        delivered == redriven,
+        "{redriven} re-drives were delivered {delivered} times"
+    );
+    Ok(Observed {
+        messages: poison.len() + 1,
+        lost,
+        // Dead letters of one message beyond the first (upstream redeliveries), each
+        // re-driven: an inbox absorbs them.
+        duplicated: redriven.saturating_sub(poison.len()),
+    })
+}
+
 async fn dead_letter_unavailable_keeps_message(f: Fixture) -> CaseResult {
     let (dest, groups) = fresh(&f, "dlq-down", &["g"]).await?;
     let message = Message::new(&dest, "poison");
@@ -923,15 +1155,24 @@ async fn transactional_commit_and_rollback(f: Fixture) -> CaseResult {
     let commit = Message::new(&dest, "order 1 placed");
     let rollback = Message::new(&dest, "order 2 placed");
     let (cid, rid) = (commit.id().clone(), rollback.id().clone());
-    let (quiet, seen, id) = (f.quiet_period, collector.clone(), cid.clone());
+    let (quiet, seen, id, table) = (
+        f.quiet_period,
+        collector.clone(),
+        cid.clone(),
+        check.clone(),
+    );
     let local = Box::pin(async move {
         // The half message must stay invisible while the local transaction runs.
         tokio::time::sleep(quiet).await;
-        if seen.of(&id).is_empty() {
+        // Recorded as the application's own transaction would record it, so a check-back
+        // gets the same answer.
+        let state = if seen.of(&id).is_empty() {
             TxState::Commit
         } else {
             TxState::Rollback
-        }
+        };
+        table.set(&id, state);
+        state
     });
     let outcome = producer
         .send_in_transaction(&commit, local)
@@ -941,8 +1182,13 @@ async fn transactional_commit_and_rollback(f: Fixture) -> CaseResult {
         matches!(outcome, TxOutcome::Committed(_)),
         "commit outcome {outcome:?}: the half message was visible before the local transaction ended"
     );
+    let (table, id) = (check.clone(), rid.clone());
+    let local = Box::pin(async move {
+        table.set(&id, TxState::Rollback);
+        TxState::Rollback
+    });
     let outcome = producer
-        .send_in_transaction(&rollback, Box::pin(async { TxState::Rollback }))
+        .send_in_transaction(&rollback, local)
         .await
         .map_err(fail("send_in_transaction (rollback)"))?;
     ensure!(
@@ -955,9 +1201,10 @@ async fn transactional_commit_and_rollback(f: Fixture) -> CaseResult {
         collector.of(&rid).is_empty(),
         "the rolled-back message was delivered"
     );
+    let asked = check.asked(&cid) + check.asked(&rid);
     ensure!(
-        check.asked(&cid) == 0 && check.asked(&rid) == 0,
-        "the check-back was asked about settled transactions"
+        asked == 0 || f.settled_check_backs,
+        "the check-back was asked {asked} times about settled transactions"
     );
     Ok(Observed {
         messages: 2,

@@ -13,6 +13,7 @@ mod cases;
 pub mod fault_proxy;
 pub mod faults;
 mod report;
+pub mod runner;
 mod support;
 
 use std::sync::Arc;
@@ -35,6 +36,11 @@ pub struct Fixture {
     pub quiet_period: Duration,
     /// How long a half message may take to be resolved by the check-back.
     pub check_back_timeout: Duration,
+    /// Whether the broker may ask the check-back about a transaction that was already
+    /// committed or rolled back (RocketMQ: the client's end-transaction request is
+    /// oneway, and the broker's check can run before it arrives). The check-back must
+    /// then answer as the local transaction decided, and the outcome must not change.
+    pub settled_check_backs: bool,
 }
 
 impl Fixture {
@@ -45,6 +51,7 @@ impl Fixture {
             delivery_timeout: Duration::from_secs(30),
             quiet_period: Duration::from_secs(2),
             check_back_timeout: Duration::from_secs(60),
+            settled_check_backs: false,
         }
     }
 
@@ -57,6 +64,12 @@ impl Fixture {
     /// Sets the check-back timeout.
     pub fn check_back_timeout(mut self, timeout: Duration) -> Self {
         self.check_back_timeout = timeout;
+        self
+    }
+
+    /// Says that the broker may ask the check-back about settled transactions.
+    pub fn settled_check_backs(mut self, possible: bool) -> Self {
+        self.settled_check_backs = possible;
         self
     }
 }

@@ -8,12 +8,11 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use libtest_mimic::{Arguments, Failed, Trial};
+use surety_conformance::runner::{adapters_from_env, quiet_deliberate_panics};
 use surety_conformance::{CASES, Fixture, Report, Verdict};
 use surety_core::Broker;
 use surety_memory::{MemoryBroker, MemoryConfig};
-use surety_sql::{
-    CheckerConfig, RelayConfig, SqlStore, StoreConfig, TableNames, WithSqlHalfMessages,
-};
+use surety_sql::{SqlStore, StoreConfig, TableNames};
 
 static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
     tokio::runtime::Builder::new_multi_thread()
@@ -23,8 +22,6 @@ static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
 });
 
 static REPORT: LazyLock<Report> = LazyLock::new(Report::default);
-
-const KNOWN: &[&str] = &["memory", "rabbitmq", "kafka", "rocketmq"];
 
 /// RabbitMQ and Kafka have no half messages of their own: `send_in_transaction` comes
 /// from the prepared-message store of `surety-sql` on the test PostgreSQL, the way an
@@ -41,20 +38,9 @@ fn with_sql_half_messages(broker: Arc<dyn Broker>) -> Result<Arc<dyn Broker>, St
     RUNTIME
         .block_on(store.migrate())
         .map_err(|e| format!("cannot migrate the prepared-message store: {e}"))?;
-    // Short check and poll intervals so that check-back cases finish in seconds.
-    let checker = CheckerConfig {
-        check_timeout: Duration::from_secs(2),
-        check_interval: Duration::from_millis(500),
-        poll_interval: Duration::from_millis(200),
-        ..CheckerConfig::default()
-    };
-    let relay = RelayConfig {
-        poll_interval: Duration::from_millis(100),
-        ..RelayConfig::default()
-    };
-    Ok(Arc::new(WithSqlHalfMessages::new(
-        broker, store, checker, relay,
-    )))
+    Ok(surety_conformance::runner::with_sql_half_messages(
+        broker, store,
+    ))
 }
 
 /// Builds the fixture of one adapter, or says why it cannot run.
@@ -106,30 +92,14 @@ fn fixture(adapter: &str) -> Result<Fixture, String> {
             // so a check-back resolves in 5-10 s.
             Ok(Fixture::new(Arc::new(broker))
                 .quiet_period(Duration::from_secs(2))
-                .check_back_timeout(Duration::from_secs(40)))
+                .check_back_timeout(Duration::from_secs(40))
+                .settled_check_backs(true))
         }
         other => Err(format!(
             "unknown adapter {other:?}; expected one of {}",
-            KNOWN.join(", ")
+            surety_conformance::runner::ADAPTERS.join(", ")
         )),
     }
-}
-
-/// Cases panic on purpose inside handlers and local transactions to prove a panic is a
-/// retry; keep those out of the output, report every other panic as usual.
-fn quiet_deliberate_panics() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let text = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        if !text.starts_with(surety_conformance::DELIBERATE_PANIC) {
-            default(info);
-        }
-    }));
 }
 
 fn main() -> std::process::ExitCode {
@@ -142,33 +112,9 @@ fn main() -> std::process::ExitCode {
     quiet_deliberate_panics();
     let args = Arguments::from_args();
 
-    let (named, explicit) = match std::env::var("SURETY_ADAPTERS") {
-        Ok(list) if !list.trim().is_empty() => (
-            list.split(',')
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())
-                .collect::<Vec<_>>(),
-            true,
-        ),
-        _ => (KNOWN.iter().map(|s| s.to_string()).collect(), false),
-    };
-
-    let mut fixtures = Vec::new();
-    let mut setup_errors = Vec::new();
-    for adapter in &named {
-        match fixture(adapter) {
-            Ok(f) => fixtures.push((adapter.clone(), f)),
-            Err(why) if explicit => setup_errors.push(format!("{adapter}: {why}")),
-            Err(why) => eprintln!("conformance: skipping {adapter}: {why}"),
-        }
-    }
-    if !setup_errors.is_empty() {
-        for e in &setup_errors {
-            eprintln!("conformance: cannot run {e}");
-        }
-        eprintln!("conformance: SURETY_ADAPTERS named adapters that cannot run; failing.");
+    let Some(fixtures) = adapters_from_env("conformance", fixture) else {
         return std::process::ExitCode::FAILURE;
-    }
+    };
     eprintln!(
         "conformance: running against {}",
         fixtures

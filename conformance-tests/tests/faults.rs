@@ -39,10 +39,7 @@ use surety_core::{Broker, Message, MessageId, Publisher, Receipt, TxState, check
 use surety_memory::MemoryBroker;
 // Table names below are built from a fixed word and a random hex number only.
 use surety_sql::sqlx::{self, AssertSqlSafe, PgConnection, PgPool, Row};
-use surety_sql::{
-    CheckerConfig, EntryState, Relay, RelayConfig, SqlStore, StoreConfig, TableNames,
-    WithSqlHalfMessages,
-};
+use surety_sql::{EntryState, Relay, RelayConfig, SqlStore, StoreConfig, TableNames};
 
 static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
     tokio::runtime::Builder::new_multi_thread()
@@ -52,8 +49,6 @@ static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
 });
 
 static REPORT: LazyLock<FaultReport> = LazyLock::new(FaultReport::default);
-
-const KNOWN: &[&str] = &["memory", "rabbitmq", "kafka", "rocketmq"];
 
 const RESTART: &str = faults::RESTART;
 const CUT: &str = "connection-cut-during-confirmed-sends";
@@ -182,7 +177,7 @@ fn fixture(adapter: &str) -> Result<Fixture, String> {
         }
         other => Err(format!(
             "unknown adapter {other:?}; expected one of {}",
-            KNOWN.join(", ")
+            surety_conformance::runner::ADAPTERS.join(", ")
         )),
     }
 }
@@ -582,19 +577,7 @@ fn child_relay() -> Result<(), String> {
 /// prepared store (as the conformance runner builds them), RocketMQ natively.
 fn half_message_broker(adapter: &str, inner: Arc<dyn Broker>, store: SqlStore) -> Arc<dyn Broker> {
     match adapter {
-        "rabbitmq" | "kafka" => {
-            let checker = CheckerConfig {
-                check_timeout: Duration::from_secs(2),
-                check_interval: Duration::from_millis(500),
-                poll_interval: Duration::from_millis(200),
-                ..CheckerConfig::default()
-            };
-            let relay = RelayConfig {
-                poll_interval: Duration::from_millis(100),
-                ..RelayConfig::default()
-            };
-            Arc::new(WithSqlHalfMessages::new(inner, store, checker, relay))
-        }
+        "rabbitmq" | "kafka" => surety_conformance::runner::with_sql_half_messages(inner, store),
         _ => inner,
     }
 }
@@ -1143,32 +1126,9 @@ fn main() -> std::process::ExitCode {
         args.test_threads = Some(1);
     }
 
-    let (named, explicit) = match std::env::var("SURETY_ADAPTERS") {
-        Ok(list) if !list.trim().is_empty() => (
-            list.split(',')
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())
-                .collect::<Vec<_>>(),
-            true,
-        ),
-        _ => (KNOWN.iter().map(|s| s.to_string()).collect(), false),
-    };
-    let mut fixtures = Vec::new();
-    let mut setup_errors = Vec::new();
-    for adapter in &named {
-        match fixture(adapter) {
-            Ok(f) => fixtures.push((adapter.clone(), f)),
-            Err(why) if explicit => setup_errors.push(format!("{adapter}: {why}")),
-            Err(why) => eprintln!("faults: skipping {adapter}: {why}"),
-        }
-    }
-    if !setup_errors.is_empty() {
-        for e in &setup_errors {
-            eprintln!("faults: cannot run {e}");
-        }
-        eprintln!("faults: SURETY_ADAPTERS named adapters that cannot run; failing.");
+    let Some(fixtures) = surety_conformance::runner::adapters_from_env("faults", fixture) else {
         return std::process::ExitCode::FAILURE;
-    }
+    };
 
     let mut trials = Vec::new();
     for (adapter, fixture) in &fixtures {

@@ -5,11 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use surety_conformance::{CASES, DELIBERATE_PANIC, Fixture};
+use surety_conformance::runner::{quiet_deliberate_panics, with_sql_half_messages};
+use surety_conformance::{CASES, Fixture};
 use surety_core::{Broker, Capability};
-use surety_sql::{
-    CheckerConfig, RelayConfig, SqlStore, StoreConfig, TableNames, WithSqlHalfMessages,
-};
+use surety_sql::{SqlStore, StoreConfig, TableNames};
 
 fn postgres_url() -> String {
     std::env::var("SURETY_POSTGRES_URL")
@@ -35,21 +34,6 @@ async fn drop_tables(store: &SqlStore, prefix: &str) {
     store.close().await;
 }
 
-fn quiet_deliberate_panics() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let text = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        if !text.starts_with(DELIBERATE_PANIC) {
-            default(info);
-        }
-    }));
-}
-
 /// Runs the cases; returns how many outbox rows each state ended with.
 async fn run_half_message_cases(
     inner: Arc<dyn Broker>,
@@ -62,21 +46,8 @@ async fn run_half_message_cases(
         rand::random::<u32>() % 100_000
     );
     let store = store(&prefix).await;
-    let broker = WithSqlHalfMessages::new(
-        inner,
-        store.clone(),
-        CheckerConfig {
-            check_timeout: Duration::from_secs(2),
-            check_interval: Duration::from_millis(500),
-            poll_interval: Duration::from_millis(200),
-            ..CheckerConfig::default()
-        },
-        RelayConfig {
-            poll_interval: Duration::from_millis(100),
-            ..RelayConfig::default()
-        },
-    );
-    let fixture = Fixture::new(Arc::new(broker))
+    let broker = with_sql_half_messages(inner, store.clone());
+    let fixture = Fixture::new(broker)
         .quiet_period(quiet)
         .check_back_timeout(Duration::from_secs(30));
     let mut failures = Vec::new();
