@@ -1,9 +1,10 @@
 //! Every SQL statement of the store, as templates.
 //!
-//! Templates name tables as `{outbox}`, `{inbox}`, `{migrations}`, `{audit}` and the two dialect
-//! differences as `{now}` (the database clock in milliseconds since the Unix epoch) and
+//! Templates name tables as `{outbox}`, `{inbox}`, `{migrations}`, `{audit}` and the dialect
+//! differences as `{now}` (the database clock in milliseconds since the Unix epoch),
 //! `{skip_locked}` (`FOR UPDATE SKIP LOCKED` on PostgreSQL, nothing on SQLite, whose
-//! single writer serialises claims). [`Sql::render`] substitutes only validated table names
+//! single writer serialises claims) and `{ids_in_p1}` / `{texts_in_p1}` (the elements of a
+//! JSON array bound as `$1`, so a whole batch is one statement with one parameter). [`Sql::render`] substitutes only validated table names
 //! and these fixed fragments; every value is a bound parameter (`$1`, `$2`, ..., which both
 //! PostgreSQL and SQLite accept).
 
@@ -42,6 +43,24 @@ impl Dialect {
         match self {
             Dialect::Postgres => "FOR UPDATE SKIP LOCKED",
             Dialect::Sqlite => "",
+        }
+    }
+
+    /// The integers of the JSON array bound as `$1`, as a subquery.
+    fn ids_in_p1(self) -> &'static str {
+        match self {
+            Dialect::Postgres => {
+                "(SELECT CAST(value AS BIGINT) FROM jsonb_array_elements_text(CAST($1 AS JSONB)))"
+            }
+            Dialect::Sqlite => "(SELECT value FROM json_each($1))",
+        }
+    }
+
+    /// The strings of the JSON array bound as `$1`, as a subquery.
+    fn texts_in_p1(self) -> &'static str {
+        match self {
+            Dialect::Postgres => "(SELECT jsonb_array_elements_text(CAST($1 AS JSONB)))",
+            Dialect::Sqlite => "(SELECT value FROM json_each($1))",
         }
     }
 
@@ -123,19 +142,20 @@ const CLAIM_DUE: &str = "WITH due AS (
     WHERE id IN (SELECT id FROM due)
     RETURNING {columns}";
 
-/// Leases one pending row by message id for the fast path: `$1` owner, `$2` lease ms,
-/// `$3` message id.
-const CLAIM_ONE: &str = "UPDATE {outbox}
-    SET lease_owner = $1, lease_until = {now} + $2, attempts = attempts + 1, updated_at = {now}
-    WHERE message_id = $3 AND state = 'PENDING' AND due_at <= {now}
+/// Leases pending rows by message id for the fast path: `$1` JSON array of message ids,
+/// `$2` owner, `$3` lease ms.
+const CLAIM_IDS: &str = "UPDATE {outbox}
+    SET lease_owner = $2, lease_until = {now} + $3, attempts = attempts + 1, updated_at = {now}
+    WHERE message_id IN {texts_in_p1} AND state = 'PENDING' AND due_at <= {now}
       AND (lease_until IS NULL OR lease_until <= {now})
     RETURNING {columns}";
 
-/// `$1` id, `$2` owner. Only the lease holder marks a row sent.
+/// `$1` JSON array of row ids, `$2` owner. Only the lease holder marks a row sent. One
+/// statement per batch: a statement per row cost the relay a round trip per message.
 const MARK_SENT: &str = "UPDATE {outbox}
     SET state = 'SENT', lease_owner = NULL, lease_until = NULL, last_error = NULL,
         updated_at = {now}
-    WHERE id = $1 AND lease_owner = $2 AND state = 'PENDING'";
+    WHERE id IN {ids_in_p1} AND lease_owner = $2 AND state = 'PENDING'";
 
 /// `$1` id, `$2` owner, `$3` new state (PENDING or DEAD), `$4` delay ms, `$5` error.
 const MARK_FAILED: &str = "UPDATE {outbox}
@@ -250,7 +270,7 @@ pub(crate) struct Sql {
     pub migrations: Arc<[(i64, &'static str, SqlStr)]>,
     pub insert: SqlStr,
     pub claim_due: SqlStr,
-    pub claim_one: SqlStr,
+    pub claim_ids: SqlStr,
     pub mark_sent: SqlStr,
     pub mark_failed: SqlStr,
     pub get: SqlStr,
@@ -286,6 +306,8 @@ impl Sql {
                 .replace("{audit}", &tables.audit)
                 .replace("{now}", dialect.now())
                 .replace("{skip_locked}", dialect.skip_locked())
+                .replace("{ids_in_p1}", dialect.ids_in_p1())
+                .replace("{texts_in_p1}", dialect.texts_in_p1())
                 .replace("{id_column}", dialect.id_column())
                 .replace("{blob}", dialect.blob());
             AssertSqlSafe(Arc::<str>::from(text)).into_sql_str()
@@ -301,7 +323,7 @@ impl Sql {
                 .collect(),
             insert: fill(INSERT),
             claim_due: fill(CLAIM_DUE),
-            claim_one: fill(CLAIM_ONE),
+            claim_ids: fill(CLAIM_IDS),
             mark_sent: fill(MARK_SENT),
             mark_failed: fill(MARK_FAILED),
             get: fill(GET),
@@ -336,6 +358,8 @@ mod tests {
             let sql = Sql::render(dialect, &TableNames::prefixed("app"));
             for s in [
                 &sql.claim_due,
+                &sql.claim_ids,
+                &sql.mark_sent,
                 &sql.insert,
                 &sql.cleanup_inbox,
                 &sql.check_candidates,

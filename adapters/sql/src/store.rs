@@ -189,7 +189,19 @@ where
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
-    rows.iter().map(decode_entry).collect()
+    let mut entries = rows
+        .iter()
+        .map(decode_entry)
+        .collect::<Result<Vec<OutboxEntry>>>()?;
+    // `UPDATE ... RETURNING` gives rows in no promised order; a batch is published in
+    // enqueue order.
+    entries.sort_by_key(|e| e.id);
+    Ok(entries)
+}
+
+/// A JSON array of `items`, bound as one parameter by the batch statements.
+fn json_list<T: Into<serde_json::Value>>(items: impl IntoIterator<Item = T>) -> String {
+    serde_json::Value::Array(items.into_iter().map(Into::into).collect()).to_string()
 }
 
 /// What a cleanup pass deleted.
@@ -551,24 +563,19 @@ impl SqlStore {
         lease: Duration,
         ids: &[MessageId],
     ) -> Result<Vec<OutboxEntry>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
         let sql = &self.inner.sql;
-        let e = |e| storage("lease outbox rows", e);
+        let ids = json_list(ids.iter().map(|id| id.as_str()));
         with_pool!(&self.inner.pool, p => {
-            let mut tx = p.begin_with(sql.dialect.begin_write()).await.map_err(e)?;
-            let mut rows = Vec::new();
-            for id in ids {
-                if let Some(row) = sqlx::query(sql.claim_one.clone())
-                    .bind(owner)
-                    .bind(millis(lease))
-                    .bind(id.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(e)?
-                {
-                    rows.push(row);
-                }
-            }
-            tx.commit().await.map_err(e)?;
+            let rows = sqlx::query(sql.claim_ids.clone())
+                .bind(&ids)
+                .bind(owner)
+                .bind(millis(lease))
+                .fetch_all(p)
+                .await
+                .map_err(|e| storage("lease outbox rows", e))?;
             decode_all(rows)
         })
     }
@@ -580,21 +587,15 @@ impl SqlStore {
             return Ok(0);
         }
         let sql = &self.inner.sql;
-        let e = |e| storage("mark outbox rows sent", e);
+        let ids = json_list(ids.iter().copied());
         with_pool!(&self.inner.pool, p => {
-            let mut tx = p.begin_with(sql.dialect.begin_write()).await.map_err(e)?;
-            let mut marked = 0;
-            for id in ids {
-                marked += sqlx::query(sql.mark_sent.clone())
-                    .bind(*id)
-                    .bind(owner)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(e)?
-                    .rows_affected();
-            }
-            tx.commit().await.map_err(e)?;
-            Ok(marked)
+            let done = sqlx::query(sql.mark_sent.clone())
+                .bind(&ids)
+                .bind(owner)
+                .execute(p)
+                .await
+                .map_err(|e| storage("mark outbox rows sent", e))?;
+            Ok(done.rows_affected())
         })
     }
 
