@@ -115,8 +115,8 @@ async fn raw_transactions(
 }
 
 /// Surety's broker transactions (`Broker::begin_transaction`): begin, `n` publishes,
-/// commit. `BrokerTransaction::publish` takes `&mut self`, so the publishes of one
-/// transaction go one after the other.
+/// commit. Each `publish` enqueues its record; the delivery reports are read together
+/// before the commit, as the raw row does with `join_all`.
 async fn surety_transactions(
     broker: &Arc<dyn Broker>,
     payload: &Bytes,
@@ -230,7 +230,7 @@ pub async fn bench(o: &Options) -> Result<Vec<Row>, String> {
                     ("surety: Publisher::publish (the Surety row of 1)", &runs[1]),
                     (
                         &format!(
-                            "surety: Broker::begin_transaction per batch of {batch}, publishes one by one"
+                            "surety: Broker::begin_transaction per batch of {batch}, reports read before the commit"
                         ),
                         &runs[3],
                     ),

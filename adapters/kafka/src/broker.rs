@@ -249,17 +249,11 @@ impl Inner {
         producer: &FutureProducer,
         message: &Message,
     ) -> std::result::Result<Receipt, KafkaError> {
-        let headers = record_headers(message);
-        let payload: &[u8] = message.payload();
-        let mut record = FutureRecord::<str, [u8]>::to(message.destination())
-            .payload(payload)
-            .timestamp(message.created_at_millis() as i64)
-            .headers(headers);
-        if let Some(key) = message.key() {
-            record = record.key(key);
-        }
         match producer
-            .send(record, Timeout::After(self.config.delivery_timeout))
+            .send(
+                record_of(message),
+                Timeout::After(self.config.delivery_timeout),
+            )
             .await
         {
             Ok(d) => Ok(Receipt::for_message(message)
@@ -301,6 +295,19 @@ impl Inner {
             delivery_error(&e, message.destination())
                 .with_context("message_id", message.id().as_str())
         })
+    }
+}
+
+/// The Kafka record of `message`: payload, id and created-at headers, timestamp, key.
+pub(crate) fn record_of(message: &Message) -> FutureRecord<'_, str, [u8]> {
+    let payload: &[u8] = message.payload();
+    let record = FutureRecord::<str, [u8]>::to(message.destination())
+        .payload(payload)
+        .timestamp(message.created_at_millis() as i64)
+        .headers(record_headers(message));
+    match message.key() {
+        Some(key) => record.key(key),
+        None => record,
     }
 }
 
@@ -370,17 +377,8 @@ impl Publisher for KafkaPublisher {
         message.validate(Some(self.inner.config.max_message_size))?;
         self.inner.check_topic(message.destination()).await?;
         let producer = self.inner.producer();
-        let headers = record_headers(message);
-        let payload: &[u8] = message.payload();
-        let mut record = FutureRecord::<str, [u8]>::to(message.destination())
-            .payload(payload)
-            .timestamp(message.created_at_millis() as i64)
-            .headers(headers);
-        if let Some(key) = message.key() {
-            record = record.key(key);
-        }
         // Enqueued, report ignored: at-most-once as documented.
-        match producer.send_result(record) {
+        match producer.send_result(record_of(message)) {
             Ok(_report) => Ok(()),
             Err((e, _)) => Err(delivery_error(&e, message.destination())),
         }

@@ -2,14 +2,15 @@
 //! [`surety_core::Broker::begin_transaction`].
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
 use surety_core::{BrokerTransaction, Error, ErrorKind, Message, Result, telemetry};
 
 use crate::ADAPTER;
-use crate::broker::{Inner, blocking};
+use crate::broker::{Inner, blocking, record_of};
 use crate::config::create;
 use crate::error::{TxnClass, classify, delivery_error, transaction_error};
 
@@ -54,9 +55,24 @@ pub(crate) async fn transactional_producer(
 }
 
 /// One open Kafka transaction.
+///
+/// `publish` enqueues the record and returns; the delivery reports are read together
+/// before the commit (or when the producer queue is full), so the messages of one
+/// transaction are in flight together instead of one round trip each. Nothing is visible
+/// before the commit, so a report read late changes no outcome: a failed delivery fails
+/// the commit, which then aborts the whole transaction.
 pub(crate) struct KafkaTransaction {
     inner: Arc<Inner>,
     producer: Option<Arc<FutureProducer>>,
+    unread: Vec<Unread>,
+}
+
+/// A record enqueued in the transaction whose delivery report is not read yet.
+struct Unread {
+    message_id: String,
+    destination: String,
+    started: Instant,
+    report: DeliveryFuture,
 }
 
 impl KafkaTransaction {
@@ -81,7 +97,35 @@ impl KafkaTransaction {
         Ok(KafkaTransaction {
             inner,
             producer: Some(producer),
+            unread: Vec::new(),
         })
+    }
+
+    /// Reads every unread delivery report. The first failure, if any, is returned (the
+    /// transaction must then be aborted); every report is recorded in the metrics.
+    async fn read_reports(&mut self) -> Result<()> {
+        let unread = std::mem::take(&mut self.unread);
+        let reports = futures::future::join_all(unread.into_iter().map(|u| async move {
+            let outcome = match u.report.await {
+                Ok(Ok(_delivery)) => Ok(()),
+                Ok(Err((e, _))) => Err(delivery_error(&e, &u.destination)),
+                // The producer was dropped with the record queued: no report will come.
+                Err(_canceled) => Err(Error::new(
+                    ErrorKind::OutcomeUnknown,
+                    "the producer went away before the delivery report",
+                )
+                .with_context("adapter", ADAPTER)),
+            };
+            telemetry::record_publish_since(
+                ADAPTER,
+                &u.destination,
+                outcome.as_ref().map(|_| ()).map_err(Error::kind),
+                u.started,
+            );
+            outcome.map_err(|e| e.with_context("message_id", u.message_id))
+        }))
+        .await;
+        reports.into_iter().collect::<Result<Vec<()>>>().map(|_| ())
     }
 
     fn producer(&self) -> Result<&Arc<FutureProducer>> {
@@ -167,21 +211,59 @@ impl BrokerTransaction for KafkaTransaction {
         message.validate(Some(self.inner.config.max_message_size))?;
         self.inner.check_topic(message.destination()).await?;
         let producer = self.producer()?.clone();
-        let result = self.inner.send_with(&producer, message).await;
-        telemetry::record_publish(
-            ADAPTER,
-            message.destination(),
-            result
-                .as_ref()
-                .map(|_| ())
-                .map_err(|e| delivery_error(e, message.destination()).kind()),
-        );
-        result
-            .map(|_| ())
-            .map_err(|e| delivery_error(&e, message.destination()))
+        let started = Instant::now();
+        loop {
+            match producer.send_result(record_of(message)) {
+                Ok(report) => {
+                    self.unread.push(Unread {
+                        message_id: message.id().as_str().to_owned(),
+                        destination: message.destination().to_owned(),
+                        started,
+                        report,
+                    });
+                    return Ok(());
+                }
+                // The queue holds this transaction's own records: read their reports to
+                // make room, then enqueue again.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _))
+                    if !self.unread.is_empty() =>
+                {
+                    self.read_reports().await?;
+                }
+                Err((e, _)) => {
+                    let error = delivery_error(&e, message.destination())
+                        .with_context("message_id", message.id().as_str());
+                    telemetry::record_publish_since(
+                        ADAPTER,
+                        message.destination(),
+                        Err(error.kind()),
+                        started,
+                    );
+                    return Err(error);
+                }
+            }
+        }
     }
 
-    async fn commit(self: Box<Self>) -> Result<()> {
+    async fn commit(mut self: Box<Self>) -> Result<()> {
+        // librdkafka's commit would also wait for the reports, but it would say only that
+        // one failed; reading them first names the message.
+        if let Err(failed) = self.read_reports().await {
+            let aborted = (*self).finish(false).await;
+            let error = Error::new(
+                ErrorKind::Rejected,
+                "a message of the transaction was not delivered; the transaction was aborted and none of its messages are visible",
+            )
+            .with_retryable(failed.is_retryable())
+            .with_context("adapter", ADAPTER)
+            .with_source(failed);
+            if let Err(e) = aborted {
+                // Never committed, so still nothing visible: the broker aborts it after
+                // transaction.timeout.ms.
+                tracing::warn!(error = %e, "aborting a Kafka transaction after a failed delivery failed");
+            }
+            return Err(error);
+        }
         (*self).finish(true).await
     }
 
