@@ -124,7 +124,10 @@ impl Connector {
 /// channel has its own [`Tracker`], which matches returns to publishes.
 pub(crate) struct ConfirmChannel {
     connector: Arc<Connector>,
-    current: Mutex<Option<(Channel, Tracker)>>,
+    /// Read on every publish: a plain lock held for a clone, never across an await.
+    current: std::sync::Mutex<Option<(Channel, Tracker)>>,
+    /// Held while a channel is reopened, so concurrent publishes open one, not many.
+    reopening: Mutex<()>,
     what: &'static str,
 }
 
@@ -132,20 +135,32 @@ impl ConfirmChannel {
     pub(crate) fn new(connector: Arc<Connector>, what: &'static str) -> Self {
         ConfirmChannel {
             connector,
-            current: Mutex::new(None),
+            current: std::sync::Mutex::new(None),
+            reopening: Mutex::new(()),
             what,
+        }
+    }
+
+    /// The current channel and tracker if the channel is open; whether there was one.
+    fn live(&self) -> (Option<(Channel, Tracker)>, bool) {
+        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        match current.as_ref() {
+            Some((c, t)) if c.status().connected() => (Some((c.clone(), t.clone())), true),
+            other => (None, other.is_some()),
         }
     }
 
     /// The channel and its tracker, reopened if the channel is gone.
     pub(crate) async fn get(&self) -> Result<(Channel, Tracker)> {
-        let mut current = self.current.lock().await;
-        if let Some((c, t)) = current.as_ref()
-            && c.status().connected()
-        {
-            return Ok((c.clone(), t.clone()));
+        if let (Some(live), _) = self.live() {
+            return Ok(live);
         }
-        let had_one = current.is_some();
+        let _reopening = self.reopening.lock().await;
+        let had_one = match self.live() {
+            // Another publish reopened it while this one waited.
+            (Some(live), _) => return Ok(live),
+            (None, had_one) => had_one,
+        };
         let channel = self.connector.confirm_channel().await?;
         if had_one {
             record_reconnect(self.what);
@@ -153,7 +168,8 @@ impl ConfirmChannel {
         let tracker = Tracker::spawn();
         // Replacing the old tracker lets its task end once its confirms are settled
         // (those of a dead channel fail at once).
-        *current = Some((channel.clone(), tracker.clone()));
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((channel.clone(), tracker.clone()));
         Ok((channel, tracker))
     }
 
