@@ -210,44 +210,25 @@ pub async fn bench(o: &Options) -> Result<Vec<Row>, String> {
         }
         if raw_tx.is_some() {
             let batch = o.tx_batch;
-            rows.extend(crate::pair(
-                3,
+            rows.extend(crate::transactional_rows(
                 "kafka",
                 ("raw: idempotent send (the raw row of 1)", &runs[0]),
                 (
                     &format!("raw: transaction per batch of {batch}, sends in flight together"),
                     &runs[2],
                 ),
+                ("surety: Publisher::publish (the Surety row of 1)", &runs[1]),
+                (
+                    &format!(
+                        "surety: Broker::begin_transaction per batch of {batch}, reports read before the commit"
+                    ),
+                    &runs[3],
+                ),
                 o.tx_messages,
                 batch,
                 o.payload,
-                "no goal",
+                "raw transactions",
             ));
-            rows.extend(
-                crate::pair(
-                    3,
-                    "kafka",
-                    ("surety: Publisher::publish (the Surety row of 1)", &runs[1]),
-                    (
-                        &format!(
-                            "surety: Broker::begin_transaction per batch of {batch}, reports read before the commit"
-                        ),
-                        &runs[3],
-                    ),
-                    o.tx_messages,
-                    batch,
-                    o.payload,
-                    "no goal",
-                )
-                .into_iter()
-                .skip(1),
-            );
-            let tx_gap =
-                measure::summarise(&runs[3]).rate / measure::summarise(&runs[2]).rate.max(1e-9);
-            if let Some(last) = rows.last_mut() {
-                last.ratio
-                    .push_str(&format!("; {tx_gap:.2} ÷ raw transactions"));
-            }
         }
     }
     if o.runs(1) {

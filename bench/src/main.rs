@@ -177,6 +177,37 @@ pub struct Row {
     pub ratio: String,
 }
 
+/// The rows of scenario 3 for one broker: the raw client's plain and transactional sends,
+/// then Surety's transactional send against Surety's plain publish (already shown in
+/// scenario 1, so not repeated), with its rate against the raw transactional row appended
+/// as "; x ÷ `versus`".
+#[allow(clippy::too_many_arguments)] // one row pair each: names and runs side by side
+pub fn transactional_rows(
+    broker: &'static str,
+    raw: (&str, &[Run]),
+    raw_tx: (&str, &[Run]),
+    surety: (&str, &[Run]),
+    surety_tx: (&str, &[Run]),
+    messages: usize,
+    window: usize,
+    payload: usize,
+    versus: &str,
+) -> Vec<Row> {
+    let mut rows = pair(3, broker, raw, raw_tx, messages, window, payload, "no goal");
+    rows.extend(
+        pair(
+            3, broker, surety, surety_tx, messages, window, payload, "no goal",
+        )
+        .into_iter()
+        .skip(1),
+    );
+    let gap = measure::summarise(surety_tx.1).rate / measure::summarise(raw_tx.1).rate.max(1e-9);
+    if let Some(last) = rows.last_mut() {
+        last.ratio.push_str(&format!("; {gap:.2} ÷ {versus}"));
+    }
+    rows
+}
+
 /// The raw row and the Surety row of a comparison, with the ratio Surety ÷ raw (and the
 /// goal, if any) on the Surety row.
 #[allow(clippy::too_many_arguments)]

@@ -258,39 +258,20 @@ pub async fn bench(o: &Options) -> Result<Vec<Row>, String> {
             ));
         }
         if transactional.is_some() {
-            rows.extend(crate::pair(
-                3,
+            rows.extend(crate::transactional_rows(
                 "rocketmq",
                 ("raw: sync send (the raw row of 1)", &runs[0]),
                 (
                     "raw: native half message + commit (TransactionMQProducer)",
                     &runs[2],
                 ),
+                ("surety: Publisher::publish (the Surety row of 1)", &runs[1]),
+                ("surety: send_in_transaction, native half message", &runs[3]),
                 o.tx_messages,
                 o.window,
                 o.payload,
-                "no goal",
+                "raw half messages",
             ));
-            rows.extend(
-                crate::pair(
-                    3,
-                    "rocketmq",
-                    ("surety: Publisher::publish (the Surety row of 1)", &runs[1]),
-                    ("surety: send_in_transaction, native half message", &runs[3]),
-                    o.tx_messages,
-                    o.window,
-                    o.payload,
-                    "no goal",
-                )
-                .into_iter()
-                .skip(1),
-            );
-            let gap =
-                measure::summarise(&runs[3]).rate / measure::summarise(&runs[2]).rate.max(1e-9);
-            if let Some(last) = rows.last_mut() {
-                last.ratio
-                    .push_str(&format!("; {gap:.2} ÷ raw half messages"));
-            }
         }
     }
     if o.runs(1) {
