@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use surety_core::{
-    Broker, ErrorKind, Message, MessageId, Outcome, Subscription, Topology, TxState, check_back_fn,
-    handler_fn,
+    Broker, ErrorKind, Message, MessageId, Outcome, Subscription, SubscriptionHandle, Topology,
+    TxState, check_back_fn, handler_fn,
 };
 use surety_rocketmq::{RocketMqBroker, RocketMqConfig};
 
@@ -29,6 +29,33 @@ async fn broker() -> RocketMqBroker {
             panic!("RocketMQ is not reachable at {namesrv} (start it with scripts/brokers up): {e}")
         }
     }
+}
+
+/// Subscribes `group` to `topic` with a handler that acks and keeps every message.
+async fn collect(
+    broker: &RocketMqBroker,
+    topic: &str,
+    group: &str,
+) -> (SubscriptionHandle, Arc<Mutex<Vec<Message>>>) {
+    let seen: Arc<Mutex<Vec<Message>>> = Arc::default();
+    let s = seen.clone();
+    let handle = broker
+        .subscriber()
+        .await
+        .unwrap()
+        .subscribe(
+            Subscription::new(topic, group),
+            Arc::new(handler_fn(move |d: surety_core::Delivery| {
+                let s = s.clone();
+                async move {
+                    s.lock().unwrap().push(d.message);
+                    Ok(Outcome::Ack)
+                }
+            })),
+        )
+        .await
+        .unwrap();
+    (handle, seen)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -95,24 +122,7 @@ async fn callback_mode_reports_the_confirm_and_the_message_arrives() {
         .expect("confirmed");
     assert_eq!(&receipt.message_id, message.id());
 
-    let seen: Arc<Mutex<Vec<Message>>> = Arc::default();
-    let s = seen.clone();
-    let handle = broker
-        .subscriber()
-        .await
-        .unwrap()
-        .subscribe(
-            Subscription::new(&topic, &group),
-            Arc::new(handler_fn(move |d: surety_core::Delivery| {
-                let s = s.clone();
-                async move {
-                    s.lock().unwrap().push(d.message);
-                    Ok(Outcome::Ack)
-                }
-            })),
-        )
-        .await
-        .unwrap();
+    let (handle, seen) = collect(&broker, &topic, &group).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while seen.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -409,24 +419,7 @@ async fn malformed_envelopes_from_a_foreign_producer_never_stop_the_consumer() {
         .await
         .unwrap();
 
-    let seen: Arc<Mutex<Vec<Message>>> = Arc::default();
-    let s = seen.clone();
-    let handle = broker
-        .subscriber()
-        .await
-        .unwrap()
-        .subscribe(
-            Subscription::new(&topic, &group),
-            Arc::new(handler_fn(move |d: surety_core::Delivery| {
-                let s = s.clone();
-                async move {
-                    s.lock().unwrap().push(d.message);
-                    Ok(Outcome::Ack)
-                }
-            })),
-        )
-        .await
-        .unwrap();
+    let (handle, seen) = collect(&broker, &topic, &group).await;
     let dead_letters = broker.dead_letters().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     let dead = loop {
