@@ -29,12 +29,13 @@ pub(crate) fn send_error(e: &ClientError, destination: &str) -> Error {
         Some(code::FLUSH_DISK_TIMEOUT | code::SLAVE_NOT_AVAILABLE | code::FLUSH_SLAVE_TIMEOUT) => {
             ErrorKind::NotDurable
         }
-        Some(code::SYSTEM_BUSY | code::SYSTEM_ERROR | code::SERVICE_NOT_AVAILABLE) => {
+        Some(code @ (code::SYSTEM_BUSY | code::SYSTEM_ERROR | code::SERVICE_NOT_AVAILABLE)) => {
             return Error::new(
                 ErrorKind::Rejected,
-                format!("the broker refused the message: {text}"),
+                format!("the broker refused the message ({}): {text}", refusal(code)),
             )
             .with_retryable(true)
+            .with_context("broker_code", code.to_string())
             .with_context("adapter", ADAPTER)
             .with_context("destination", destination);
         }
@@ -46,6 +47,20 @@ pub(crate) fn send_error(e: &ClientError, destination: &str) -> Error {
     Error::new(kind, format!("send failed: {text}"))
         .with_context("adapter", ADAPTER)
         .with_context("destination", destination)
+}
+
+/// What a temporary refusal means. The client keeps the broker's own remark out of its
+/// errors (it may hold user data), so the code is all there is to go on.
+fn refusal(code: i32) -> &'static str {
+    match code {
+        code::SYSTEM_BUSY => {
+            "code 2, SYSTEM_BUSY: requests waited too long in the broker's send queue or page cache"
+        }
+        code::SERVICE_NOT_AVAILABLE => {
+            "code 14, SERVICE_NOT_AVAILABLE: the broker is shutting down, is a slave, or its disk is 90 % full"
+        }
+        _ => "code 1, SYSTEM_ERROR",
+    }
 }
 
 /// Maps an error of an operation that changes nothing on failure (admin, route look-up).
@@ -84,6 +99,26 @@ pub(crate) fn status_error(status: SendStatus, destination: &str) -> Option<Erro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_names_the_broker_code_and_is_retryable() {
+        let e = send_error(
+            &ClientError::broker_operation_failed(
+                "SEND_MESSAGE",
+                code::SERVICE_NOT_AVAILABLE,
+                "disk full",
+            ),
+            "orders",
+        );
+        assert_eq!(e.kind(), ErrorKind::Rejected);
+        assert!(e.is_retryable());
+        assert!(e.to_string().contains("SERVICE_NOT_AVAILABLE"), "{e}");
+        let e = send_error(
+            &ClientError::broker_operation_failed("SEND_MESSAGE", code::TOPIC_NOT_EXIST, ""),
+            "orders",
+        );
+        assert_eq!(e.kind(), ErrorKind::Unroutable);
+    }
 
     #[test]
     fn only_send_ok_confirms() {
