@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use surety_core::{Message, Publisher};
 use surety_sql::sqlx::{self, AssertSqlSafe};
-use surety_sql::{Relay, RelayConfig, SqlStore, StoreConfig, TableNames};
+use surety_sql::{Relay, RelayConfig, RelayStats, SqlStore, StoreConfig, TableNames};
 
 use crate::measure::{self, Run};
 use crate::{Options, Row, fail};
@@ -285,22 +285,27 @@ pub async fn clear(store: &SqlStore) -> Result<(), String> {
     result.map_err(fail("clear the benchmark outbox"))
 }
 
-/// One relay draining until nothing is due; each message's latency is its batch's.
+/// One relay draining until nothing is due, as `Relay::drain` runs it (the next batch
+/// leased while one publishes). Each message's latency is its batch's cycle: the time
+/// from the previous batch's outcome (or the start) to its own.
 async fn drain(relay: Relay) -> Result<(u64, Vec<Duration>), String> {
-    let mut sent = 0;
     let mut latencies = Vec::new();
-    loop {
-        let t = Instant::now();
-        let stats = relay.run_once().await.map_err(fail("relay pass"))?;
-        if stats.claimed == 0 {
-            return Ok((sent, latencies));
-        }
-        if stats.retried + stats.dead > 0 {
-            return Err(format!("relay publish failures: {stats:?}"));
-        }
-        sent += stats.sent;
-        latencies.extend(std::iter::repeat_n(t.elapsed(), stats.claimed as usize));
+    let mut failures = RelayStats::default();
+    let mut last = Instant::now();
+    let stats = relay
+        .drain_with(|batch| {
+            let now = Instant::now();
+            latencies.extend(std::iter::repeat_n(now - last, batch.claimed as usize));
+            last = now;
+            failures.retried += batch.retried;
+            failures.dead += batch.dead;
+        })
+        .await
+        .map_err(fail("relay pass"))?;
+    if failures.retried + failures.dead > 0 {
+        return Err(format!("relay publish failures: {failures:?}"));
     }
+    Ok((stats.sent, latencies))
 }
 
 /// Drains `messages` committed rows with `relays` relays at once.

@@ -564,12 +564,10 @@ fn child_relay() -> Result<(), String> {
         let store = store_for(&prefix).await?;
         let publisher = faults::setup("publisher", f.broker.publisher()).await?;
         let relay = Relay::new(store, Arc::new(SlowConfirm(publisher)), relay_config());
-        loop {
-            match relay.run_once().await {
-                Ok(stats) if stats.claimed > 0 => {}
-                _ => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
+        // As an application runs it: the background loop, which also leases a batch
+        // ahead, so the kill leaves that batch leased too.
+        let _worker = relay.spawn();
+        std::future::pending::<Result<(), String>>().await
     })
 }
 

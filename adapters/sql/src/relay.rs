@@ -1,7 +1,7 @@
 //! The relay: publishes due outbox rows with confirm and records the outcome.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use surety_core::{ErrorKind, Message, MessageId, Publisher, Result, RetryPolicy, telemetry};
 use tracing::Instrument;
@@ -17,9 +17,10 @@ const MAX_ERROR_LEN: usize = 2000;
 pub struct RelayConfig {
     /// Rows leased and published per batch (their confirms are in flight together).
     pub batch_size: usize,
-    /// How long a leased row belongs to this relay. It must cover one batch's publish:
-    /// past it another relay may take the row and publish it a second time. A relay that
-    /// crashed holds its rows this long.
+    /// How long a leased row belongs to this relay. It must cover two batches' publishes
+    /// (a running relay leases the next batch while one publishes): past it another relay
+    /// may take the row and publish it a second time. A relay that crashed holds its rows
+    /// this long.
     pub lease: Duration,
     /// Sleep between polls when nothing was due.
     pub poll_interval: Duration,
@@ -115,31 +116,61 @@ impl Relay {
 
     /// Leases one batch of due rows, publishes it and records the outcomes.
     pub async fn run_once(&self) -> Result<RelayStats> {
+        let entries = self.claim().await?;
+        self.publish_batch(entries).await
+    }
+
+    /// Leases the next batch of due rows (after making overdue receipts due again).
+    async fn claim(&self) -> Result<Vec<OutboxEntry>> {
         if let Some(timeout) = self.store.config().receipt_timeout {
             // Receipts on: a sent row the consumer never confirmed is due again.
             self.store
                 .redeliver_overdue(timeout, self.config.batch_size)
                 .await?;
         }
-        let entries = self
-            .store
+        self.store
             .claim_due(&self.owner, self.config.lease, self.config.batch_size)
-            .await?;
+            .await
+    }
+
+    async fn publish_batch(&self, entries: Vec<OutboxEntry>) -> Result<RelayStats> {
         self.publish_entries(entries)
             .instrument(tracing::debug_span!(telemetry::SPAN_RELAY_BATCH, owner = %self.owner))
             .await
     }
 
-    /// Runs batches until none is due. Returns the sum.
+    /// Runs batches until none is due, leasing each next batch while one publishes (see
+    /// [`Relay::spawn`]). Returns the sum.
     pub async fn drain(&self) -> Result<RelayStats> {
+        self.drain_with(|_| {}).await
+    }
+
+    /// [`Relay::drain`], calling `on_batch` with each batch's outcome as it is recorded
+    /// (progress for an operator, or timing).
+    pub async fn drain_with(&self, mut on_batch: impl FnMut(RelayStats)) -> Result<RelayStats> {
         let mut total = RelayStats::default();
-        loop {
-            let stats = self.run_once().await?;
-            total.add(stats);
-            if stats.claimed == 0 {
-                return Ok(total);
+        let mut batch = self.claim().await?;
+        while !batch.is_empty() {
+            let (published, next) = self.publish_leasing_next(batch).await;
+            let next = match next {
+                Some(next) => next,
+                None => self.claim().await,
+            };
+            match published {
+                Ok(stats) => {
+                    total.add(stats);
+                    on_batch(stats);
+                }
+                Err(e) => {
+                    if let Ok(next) = &next {
+                        self.hand_back(next).await;
+                    }
+                    return Err(e);
+                }
             }
+            batch = next?;
         }
+        Ok(total)
     }
 
     /// The fast path: publishes these messages now (after the application committed),
@@ -154,40 +185,86 @@ impl Relay {
 
     /// Runs the relay in the background until the worker is stopped. Errors (database
     /// down) are logged and the loop keeps polling.
+    ///
+    /// While a full batch publishes, the next one is leased: the database round trips of
+    /// the lease overlap the broker's confirms instead of following them. Batches still
+    /// publish one after another, in order. A batch leased ahead is handed back (its
+    /// lease and attempt undone) when the worker is shut down; after an abort it waits
+    /// for its lease to expire, as after a crash.
     pub fn spawn(&self) -> Worker {
         let relay = self.clone();
         let idle = self.config.poll_interval;
-        // The outbox gauges (depth per state, lag) are refreshed on a slower clock than
-        // the polls: counting rows per state scans the table.
-        let gauges_due = Arc::new(std::sync::Mutex::new(std::time::Instant::now()));
-        Worker::spawn(idle, move || {
-            let relay = relay.clone();
-            let gauges_due = gauges_due.clone();
-            async move {
-                let refresh = {
-                    let mut due = gauges_due.lock().unwrap_or_else(|e| e.into_inner());
-                    let now = std::time::Instant::now();
-                    let refresh = now >= *due;
-                    if refresh {
-                        *due = now + GAUGE_INTERVAL;
-                    }
-                    refresh
-                };
-                if refresh {
-                    // Failures here are the database being down: the pass below says so.
+        Worker::spawn_loop(move |mut stop| async move {
+            let mut gauges_due = Instant::now();
+            let mut ahead: Option<Vec<OutboxEntry>> = None;
+            while !stop.requested() {
+                if Instant::now() >= gauges_due {
+                    // Counting rows per state scans the table: a slower clock than the
+                    // polls. Failures are the database being down: the pass says so.
+                    gauges_due = Instant::now() + GAUGE_INTERVAL;
                     let _ = relay.store.counts().await;
                     let _ = relay.store.lag().await;
                 }
-                match relay.run_once().await {
-                    // A full batch: more may be due at once.
-                    Ok(stats) => stats.claimed >= relay.config.batch_size.max(1) as u64,
-                    Err(e) => {
-                        tracing::warn!(owner = %relay.owner, error = %e, "relay pass failed");
-                        false
+                let batch = match ahead.take() {
+                    Some(batch) => batch,
+                    None => match relay.claim().await {
+                        Ok(batch) if !batch.is_empty() => batch,
+                        Ok(_) => {
+                            stop.sleep(idle).await;
+                            continue;
+                        }
+                        Err(e) => {
+                            relay.pass_failed(&e);
+                            stop.sleep(idle).await;
+                            continue;
+                        }
+                    },
+                };
+                let (published, next) = relay.publish_leasing_next(batch).await;
+                if let Err(e) = published {
+                    relay.pass_failed(&e);
+                }
+                match next {
+                    Some(Ok(next)) if !next.is_empty() => ahead = Some(next),
+                    Some(Err(e)) => {
+                        relay.pass_failed(&e);
+                        stop.sleep(idle).await;
                     }
+                    _ => stop.sleep(idle).await,
                 }
             }
+            if let Some(batch) = ahead {
+                relay.hand_back(&batch).await;
+            }
         })
+    }
+
+    /// Publishes `batch` and, if it was full (more may be due), leases the next batch
+    /// meanwhile; `None` when nothing was leased.
+    async fn publish_leasing_next(
+        &self,
+        batch: Vec<OutboxEntry>,
+    ) -> (Result<RelayStats>, Option<Result<Vec<OutboxEntry>>>) {
+        if batch.len() >= self.config.batch_size.max(1) {
+            let (published, next) = tokio::join!(self.publish_batch(batch), self.claim());
+            (published, Some(next))
+        } else {
+            (self.publish_batch(batch).await, None)
+        }
+    }
+
+    /// Hands rows leased ahead back unpublished, so another relay need not wait for the
+    /// lease to expire.
+    async fn hand_back(&self, batch: &[OutboxEntry]) {
+        let ids: Vec<i64> = batch.iter().map(|e| e.id).collect();
+        if let Err(e) = self.store.release(&self.owner, &ids).await {
+            tracing::warn!(owner = %self.owner, error = %e, rows = ids.len(),
+                "could not hand back rows leased ahead; they wait for their lease to expire");
+        }
+    }
+
+    fn pass_failed(&self, e: &surety_core::Error) {
+        tracing::warn!(owner = %self.owner, error = %e, "relay pass failed");
     }
 
     async fn publish_entries(&self, entries: Vec<OutboxEntry>) -> Result<RelayStats> {

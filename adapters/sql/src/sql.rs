@@ -157,6 +157,12 @@ const MARK_SENT: &str = "UPDATE {outbox}
         updated_at = {now}
     WHERE id IN {ids_in_p1} AND lease_owner = $2 AND state = 'PENDING'";
 
+/// `$1` JSON array of row ids, `$2` owner. Hands leased rows back unpublished: the lease
+/// and the attempt it counted are undone.
+const RELEASE: &str = "UPDATE {outbox}
+    SET lease_owner = NULL, lease_until = NULL, attempts = attempts - 1, updated_at = {now}
+    WHERE id IN {ids_in_p1} AND lease_owner = $2 AND state = 'PENDING'";
+
 /// `$1` id, `$2` owner, `$3` new state (PENDING or DEAD), `$4` delay ms, `$5` error.
 const MARK_FAILED: &str = "UPDATE {outbox}
     SET state = $3, due_at = {now} + $4, last_error = $5, lease_owner = NULL,
@@ -272,6 +278,7 @@ pub(crate) struct Sql {
     pub claim_due: SqlStr,
     pub claim_ids: SqlStr,
     pub mark_sent: SqlStr,
+    pub release: SqlStr,
     pub mark_failed: SqlStr,
     pub get: SqlStr,
     pub list_state: SqlStr,
@@ -325,6 +332,7 @@ impl Sql {
             claim_due: fill(CLAIM_DUE),
             claim_ids: fill(CLAIM_IDS),
             mark_sent: fill(MARK_SENT),
+            release: fill(RELEASE),
             mark_failed: fill(MARK_FAILED),
             get: fill(GET),
             list_state: fill(LIST_STATE),
@@ -360,6 +368,7 @@ mod tests {
                 &sql.claim_due,
                 &sql.claim_ids,
                 &sql.mark_sent,
+                &sql.release,
                 &sql.insert,
                 &sql.cleanup_inbox,
                 &sql.check_candidates,

@@ -580,6 +580,25 @@ impl SqlStore {
         })
     }
 
+    /// Hands rows this owner leased but did not publish back to every relay. Returns how
+    /// many it still held.
+    pub(crate) async fn release(&self, owner: &str, ids: &[i64]) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let sql = &self.inner.sql;
+        let ids = json_list(ids.iter().copied());
+        with_pool!(&self.inner.pool, p => {
+            let done = sqlx::query(sql.release.clone())
+                .bind(&ids)
+                .bind(owner)
+                .execute(p)
+                .await
+                .map_err(|e| storage("hand back leased outbox rows", e))?;
+            Ok(done.rows_affected())
+        })
+    }
+
     /// Marks confirmed rows sent, only where this owner still holds the lease. Returns
     /// how many were marked.
     pub(crate) async fn mark_sent(&self, owner: &str, ids: &[i64]) -> Result<u64> {

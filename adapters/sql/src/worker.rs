@@ -23,18 +23,24 @@ impl Worker {
         F: FnMut() -> Fut + Send + 'static,
         Fut: Future<Output = bool> + Send,
     {
-        let (stop, mut stopped) = watch::channel(false);
-        let task = tokio::spawn(async move {
-            while !*stopped.borrow() {
-                let more = step().await;
-                if !more {
-                    tokio::select! {
-                        _ = tokio::time::sleep(idle) => {}
-                        _ = stopped.changed() => {}
-                    }
+        Worker::spawn_loop(move |mut stop| async move {
+            while !stop.requested() {
+                if !step().await {
+                    stop.sleep(idle).await;
                 }
             }
-        });
+        })
+    }
+
+    /// Runs a loop that watches `StopSignal` itself: for loops that hold work between
+    /// steps and must hand it back when asked to stop.
+    pub(crate) fn spawn_loop<F, Fut>(run: F) -> Worker
+    where
+        F: FnOnce(StopSignal) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(run(StopSignal(stopped)));
         Worker { stop, task }
     }
 
@@ -52,5 +58,24 @@ impl Worker {
     /// Whether the loop has ended.
     pub fn is_finished(&self) -> bool {
         self.task.is_finished()
+    }
+}
+
+/// The loop's side of [`Worker::shutdown`].
+pub(crate) struct StopSignal(watch::Receiver<bool>);
+
+impl StopSignal {
+    /// Whether a stop was asked for.
+    pub(crate) fn requested(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Sleeps `idle`, or less if a stop is asked for meanwhile. A dropped [`Worker`]
+    /// handle can never ask, so then the full `idle` is slept (not a busy loop).
+    pub(crate) async fn sleep(&mut self, idle: Duration) {
+        tokio::select! {
+            _ = tokio::time::sleep(idle) => {}
+            Ok(()) = self.0.changed() => {}
+        }
     }
 }

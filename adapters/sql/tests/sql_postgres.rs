@@ -21,6 +21,11 @@ async fn relay_killed_between_lease_and_mark_sent_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_shut_down_hands_back_the_batch_leased_ahead() {
+    s::relay_shut_down_hands_back_the_batch_leased_ahead(Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_destination_goes_dead_and_redrive_publishes() {
     s::refused_destination_dead_and_redrive(Postgres).await;
 }

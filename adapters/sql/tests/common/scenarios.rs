@@ -242,6 +242,104 @@ pub async fn relay_killed_between_lease_and_mark_sent(kind: Kind) {
     f.cleanup().await;
 }
 
+/// A publisher whose confirms wait for a gate: holds the relay inside a batch.
+struct Gated {
+    inner: Arc<dyn Publisher>,
+    entered: tokio::sync::Notify,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+#[async_trait::async_trait]
+impl Publisher for Gated {
+    async fn publish(&self, message: &Message) -> surety_core::Result<surety_core::Receipt> {
+        self.entered.notify_one();
+        let mut open = self.open.clone();
+        open.wait_for(|open| *open).await.expect("gate kept");
+        self.inner.publish(message).await
+    }
+}
+
+/// A running relay leases the next batch while one publishes; shut down, it hands the
+/// batch leased ahead back (lease and attempt undone) instead of sitting on it until the
+/// lease expires. Nothing is lost or published twice.
+pub async fn relay_shut_down_hands_back_the_batch_leased_ahead(kind: Kind) {
+    let f = Fixture::new(kind).await;
+    let messages: Vec<Message> = (0..30).map(order).collect();
+    f.place_orders(&messages, true).await;
+    let (gate, open) = tokio::sync::watch::channel(false);
+    let gated = Arc::new(Gated {
+        inner: f.publisher(),
+        entered: tokio::sync::Notify::new(),
+        open,
+    });
+    let worker = Relay::new(
+        f.store.clone(),
+        gated.clone(),
+        RelayConfig {
+            batch_size: 10,
+            lease: Duration::from_secs(60),
+            poll_interval: Duration::from_millis(20),
+            ..RelayConfig::default()
+        },
+    )
+    .spawn();
+    tokio::time::timeout(Duration::from_secs(20), gated.entered.notified())
+        .await
+        .expect("the relay leased a batch and started publishing");
+    let leased = format!(
+        "SELECT COUNT(*) FROM {}_outbox WHERE lease_owner IS NOT NULL",
+        f.prefix
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the next batch leased ahead",
+        || async { f.scalar(leased.clone()).await == 20 },
+    )
+    .await;
+    assert_eq!(
+        f.publisher.total(),
+        0,
+        "the first batch still waits for its confirms"
+    );
+
+    let stopping = tokio::spawn(worker.shutdown());
+    gate.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), stopping)
+        .await
+        .expect("the relay stopped after its batch")
+        .unwrap();
+
+    assert_eq!(
+        f.publisher.total(),
+        10,
+        "only the batch in flight was published"
+    );
+    assert_eq!(
+        f.scalar(leased).await,
+        0,
+        "no row stays leased by a stopped relay"
+    );
+    let counts = f.store.counts().await.unwrap();
+    assert_eq!(counts.get(&EntryState::Sent), Some(&10), "{counts:?}");
+    assert_eq!(counts.get(&EntryState::Pending), Some(&20), "{counts:?}");
+    for m in &messages {
+        let entry = f.state_of(m.id()).await.unwrap();
+        if entry.state == EntryState::Pending {
+            assert_eq!(
+                entry.attempts, 0,
+                "the attempt of the handed-back lease is undone"
+            );
+        }
+    }
+
+    let rest = relay(&f, RetryPolicy::default()).drain().await.unwrap();
+    assert_eq!(rest.sent, 20, "{rest:?}");
+    for m in &messages {
+        assert_eq!(f.publisher.count(m.id()), 1, "published once: {}", m.id());
+    }
+    f.cleanup().await;
+}
+
 /// A refused destination: attempts up to the maximum (counted in the table and surviving
 /// a relay restart), backoff honoured, then DEAD with the last error; re-drive publishes.
 pub async fn refused_destination_dead_and_redrive(kind: Kind) {
