@@ -583,37 +583,38 @@ impl SqlStore {
     /// Hands rows this owner leased but did not publish back to every relay. Returns how
     /// many it still held.
     pub(crate) async fn release(&self, owner: &str, ids: &[i64]) -> Result<u64> {
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        let sql = &self.inner.sql;
-        let ids = json_list(ids.iter().copied());
-        with_pool!(&self.inner.pool, p => {
-            let done = sqlx::query(sql.release.clone())
-                .bind(&ids)
-                .bind(owner)
-                .execute(p)
-                .await
-                .map_err(|e| storage("hand back leased outbox rows", e))?;
-            Ok(done.rows_affected())
-        })
+        let sql = self.inner.sql.release.clone();
+        self.update_leased(sql, "hand back leased outbox rows", owner, ids)
+            .await
     }
 
     /// Marks confirmed rows sent, only where this owner still holds the lease. Returns
     /// how many were marked.
     pub(crate) async fn mark_sent(&self, owner: &str, ids: &[i64]) -> Result<u64> {
+        let sql = self.inner.sql.mark_sent.clone();
+        self.update_leased(sql, "mark outbox rows sent", owner, ids)
+            .await
+    }
+
+    /// Runs a statement over rows by id (`$1`, a JSON list) that `owner` (`$2`) leases.
+    async fn update_leased(
+        &self,
+        sql: SqlStr,
+        what: &'static str,
+        owner: &str,
+        ids: &[i64],
+    ) -> Result<u64> {
         if ids.is_empty() {
             return Ok(0);
         }
-        let sql = &self.inner.sql;
         let ids = json_list(ids.iter().copied());
         with_pool!(&self.inner.pool, p => {
-            let done = sqlx::query(sql.mark_sent.clone())
+            let done = sqlx::query(sql.clone())
                 .bind(&ids)
                 .bind(owner)
                 .execute(p)
                 .await
-                .map_err(|e| storage("mark outbox rows sent", e))?;
+                .map_err(|e| storage(what, e))?;
             Ok(done.rows_affected())
         })
     }
