@@ -61,6 +61,12 @@ impl Fixture {
         self
     }
 
+    /// Sets how long expected deliveries are waited for.
+    pub fn delivery_timeout(mut self, timeout: Duration) -> Self {
+        self.delivery_timeout = timeout;
+        self
+    }
+
     /// Sets the check-back timeout.
     pub fn check_back_timeout(mut self, timeout: Duration) -> Self {
         self.check_back_timeout = timeout;

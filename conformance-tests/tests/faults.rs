@@ -173,7 +173,12 @@ fn fixture(adapter: &str) -> Result<Fixture, String> {
             let broker = RUNTIME
                 .block_on(surety_rocketmq::RocketMqBroker::connect(config))
                 .map_err(|e| format!("cannot reach RocketMQ at {namesrv}: {e}"))?;
-            Ok(f(Arc::new(broker)).quiet_period(Duration::from_secs(2)))
+            // A pull request in flight when a fault cuts its connection can wait out the
+            // client's fixed 30 s long-poll timeout before the push consumer pulls again
+            // (docs/rocketmq-interop.md): deliveries may resume only after that.
+            Ok(f(Arc::new(broker))
+                .quiet_period(Duration::from_secs(2))
+                .delivery_timeout(Duration::from_secs(60)))
         }
         other => Err(format!(
             "unknown adapter {other:?}; expected one of {}",
@@ -395,7 +400,9 @@ async fn run_network_fault(
         ));
     }
     let (broker, proxies) = proxied(adapter).await?;
-    let proxied = Fixture::new(broker).quiet_period(direct.quiet_period);
+    let proxied = Fixture::new(broker)
+        .quiet_period(direct.quiet_period)
+        .delivery_timeout(direct.delivery_timeout);
     // Cuts hit the consumers too (they must reconnect and the unacked deliveries come
     // again); a stall is measured on the publisher alone.
     let consumer = match fault {
