@@ -198,10 +198,25 @@ fn end_transaction(
             }
         }
     } else {
+        settle_before_abort(p, timeout);
         p.abort_transaction(timeout).map_err(|e| {
             let usable = !matches!(classify(&e), TxnClass::Fatal);
             (transaction_error("abort_transaction", &e), usable)
         })
+    }
+}
+
+/// Waits (bounded) until the records of the transaction are delivered. librdkafka lets
+/// `abort_transaction` send EndTxn once the partitions' AddPartitionsToTxn request is
+/// *sent*, not answered, so an abort right after the first records can reach the
+/// coordinator while the transaction is still empty there; the coordinator refuses it
+/// with INVALID_TXN_STATE, a fatal error for the producer (librdkafka issue 4849). A
+/// delivered record proves its partition was registered. The records' outcome does not
+/// matter: the abort makes them invisible either way. The producer serves this one
+/// transaction, so its queue holds only the transaction's records.
+fn settle_before_abort(p: &FutureProducer, timeout: Duration) {
+    if let Err(e) = p.flush(timeout) {
+        tracing::debug!(error = %e, "records still in flight before the abort");
     }
 }
 
@@ -279,6 +294,7 @@ impl Drop for KafkaTransaction {
         if let Some(p) = self.producer.take() {
             let timeout = self.inner.config.request_timeout;
             std::thread::spawn(move || {
+                settle_before_abort(&p, timeout);
                 if let Err(e) = p.abort_transaction(timeout) {
                     tracing::warn!(error = %e, "aborting a dropped Kafka transaction failed; the broker aborts it after transaction.timeout.ms");
                 }
