@@ -275,36 +275,25 @@ async fn check_back_after_the_producer_process_is_killed() {
         .await
         .unwrap();
 
-    let seen: Arc<Mutex<Vec<MessageId>>> = Arc::default();
-    let s = seen.clone();
-    let handle = broker
-        .subscriber()
-        .await
-        .unwrap()
-        .subscribe(
-            Subscription::new(&topic, &group),
-            Arc::new(handler_fn(move |d: surety_core::Delivery| {
-                let s = s.clone();
-                async move {
-                    s.lock().unwrap().push(d.message.id().clone());
-                    Ok(Outcome::Ack)
-                }
-            })),
-        )
-        .await
-        .unwrap();
+    let (handle, seen) = collect(&broker, &topic, &group).await;
+    let ids = |seen: &Mutex<Vec<Message>>| -> Vec<MessageId> {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .map(|m| m.id().clone())
+            .collect()
+    };
     // Safety net only: the broker checks every 3 s (transactionCheckInterval).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let resolved = || {
-        seen.lock().unwrap().contains(&commit_id) && asked.lock().unwrap().contains(&rollback_id)
-    };
+    let resolved =
+        || ids(&seen).contains(&commit_id) && asked.lock().unwrap().contains(&rollback_id);
     while !resolved() && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Watch a little longer for a delivery of the rolled-back message.
     tokio::time::sleep(Duration::from_secs(3)).await;
     handle.shutdown().await;
-    let seen = seen.lock().unwrap().clone();
+    let seen = ids(&seen);
     let asked = asked.lock().unwrap().clone();
     assert!(
         seen.contains(&commit_id),
