@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use surety_core::{Message, Publisher};
 use surety_sql::sqlx::{self, AssertSqlSafe};
-use surety_sql::{Relay, RelayConfig, RelayStats, SqlStore, StoreConfig, TableNames};
+use surety_sql::{Relay, RelayConfig, SqlStore, StoreConfig, TableNames};
 
 use crate::measure::{self, Run};
 use crate::{Options, Row, fail};
@@ -290,20 +290,17 @@ pub async fn clear(store: &SqlStore) -> Result<(), String> {
 /// from the previous batch's outcome (or the start) to its own.
 async fn drain(relay: Relay) -> Result<(u64, Vec<Duration>), String> {
     let mut latencies = Vec::new();
-    let mut failures = RelayStats::default();
     let mut last = Instant::now();
     let stats = relay
         .drain_with(|batch| {
             let now = Instant::now();
             latencies.extend(std::iter::repeat_n(now - last, batch.claimed as usize));
             last = now;
-            failures.retried += batch.retried;
-            failures.dead += batch.dead;
         })
         .await
         .map_err(fail("relay pass"))?;
-    if failures.retried + failures.dead > 0 {
-        return Err(format!("relay publish failures: {failures:?}"));
+    if stats.retried + stats.dead > 0 {
+        return Err(format!("relay publish failures: {stats:?}"));
     }
     Ok((stats.sent, latencies))
 }
