@@ -380,7 +380,11 @@ impl TransactionalPublisher for SqlTransactionalPublisher {
         };
         match state {
             TxState::Commit => {
-                if !self.prepared.commit(id).await? {
+                // Committed and leased to this publisher's relay in one statement, then
+                // published at once (the fast path); on a failed publish the row stays
+                // pending with its backoff and the relay publishes it. The message is
+                // committed for delivery either way.
+                let Some(published) = self.relay.commit_prepared(id.0).await? else {
                     // A check-back resolved it first: report what it decided.
                     return Ok(match self.prepared.store.get(message.id()).await? {
                         Some(entry) if entry.state != EntryState::Prepared => {
@@ -389,14 +393,8 @@ impl TransactionalPublisher for SqlTransactionalPublisher {
                         Some(_) => TxOutcome::Pending,
                         None => TxOutcome::RolledBack,
                     });
-                }
-                // Fast path; on failure the row stays pending with its backoff and the
-                // relay publishes it. The message is committed for delivery either way.
-                match self
-                    .relay
-                    .publish_now(std::slice::from_ref(message.id()))
-                    .await
-                {
+                };
+                match published {
                     Ok(stats) if stats.sent == 1 => {}
                     Ok(_) => {
                         tracing::debug!(message_id = %message.id(), "fast publish deferred to the relay")

@@ -183,6 +183,22 @@ impl Relay {
         self.publish_entries(entries).await
     }
 
+    /// The fast path of a committed prepared message: PREPARED → PENDING and leased to
+    /// this relay in one statement, then published. `Ok(None)` when the row was no longer
+    /// prepared (a check-back resolved it first). An error before the commit means it did
+    /// not happen; a failed publish leaves the committed row to the loop, as
+    /// [`Relay::publish_now`] does.
+    pub(crate) async fn commit_prepared(&self, id: i64) -> Result<Option<Result<RelayStats>>> {
+        let Some(entry) = self
+            .store
+            .commit_prepared_leased(id, &self.owner, self.config.lease)
+            .await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(self.publish_entries(vec![entry]).await))
+    }
+
     /// Runs the relay in the background until the worker is stopped. Errors (database
     /// down) are logged and the loop keeps polling.
     ///

@@ -210,6 +210,14 @@ const COMMIT_PREPARED: &str = "UPDATE {outbox}
         updated_at = {now}
     WHERE id = $1 AND state = 'PREPARED'";
 
+/// The producer's own commit, leased to its relay (`$2` owner, `$3` lease ms) in the same
+/// statement, so the fast path publishes without a second round trip to lease the row.
+const COMMIT_PREPARED_LEASED: &str = "UPDATE {outbox}
+    SET state = 'PENDING', due_at = {now}, lease_owner = $2, lease_until = {now} + $3,
+        attempts = attempts + 1, updated_at = {now}
+    WHERE id = $1 AND state = 'PREPARED'
+    RETURNING {columns}";
+
 const ROLLBACK_PREPARED: &str = "DELETE FROM {outbox} WHERE id = $1 AND state = 'PREPARED'";
 
 /// A prepared row whose check-backs ran out: `$2` error.
@@ -289,6 +297,7 @@ pub(crate) struct Sql {
     pub check_candidates: SqlStr,
     pub claim_check: SqlStr,
     pub commit_prepared: SqlStr,
+    pub commit_prepared_leased: SqlStr,
     pub rollback_prepared: SqlStr,
     pub dead_prepared: SqlStr,
     pub cleanup_outbox: SqlStr,
@@ -343,6 +352,7 @@ impl Sql {
             check_candidates: fill(CHECK_CANDIDATES),
             claim_check: fill(CLAIM_CHECK),
             commit_prepared: fill(COMMIT_PREPARED),
+            commit_prepared_leased: fill(COMMIT_PREPARED_LEASED),
             rollback_prepared: fill(ROLLBACK_PREPARED),
             dead_prepared: fill(DEAD_PREPARED),
             cleanup_outbox: fill(CLEANUP_OUTBOX),
@@ -372,6 +382,7 @@ mod tests {
                 &sql.insert,
                 &sql.cleanup_inbox,
                 &sql.check_candidates,
+                &sql.commit_prepared_leased,
                 &sql.audit_insert,
                 &sql.audit_list,
             ] {

@@ -739,6 +739,27 @@ impl SqlStore {
         .map_err(|e| storage("commit a prepared message", e))
     }
 
+    /// PREPARED → PENDING, leased to `owner` for `lease`: the committing producer's relay
+    /// publishes it next. `None` when the row was no longer prepared.
+    pub(crate) async fn commit_prepared_leased(
+        &self,
+        id: i64,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Option<OutboxEntry>> {
+        let sql = &self.inner.sql;
+        with_pool!(&self.inner.pool, p => {
+            let rows = sqlx::query(sql.commit_prepared_leased.clone())
+                .bind(id)
+                .bind(owner)
+                .bind(millis(lease))
+                .fetch_all(p)
+                .await
+                .map_err(|e| storage("commit a prepared message", e))?;
+            decode_all(rows).map(|mut entries| entries.pop())
+        })
+    }
+
     /// Deletes a prepared row. False when it was no longer prepared.
     pub(crate) async fn rollback_prepared(&self, id: i64) -> Result<bool> {
         let sql = &self.inner.sql;
