@@ -141,6 +141,16 @@ impl Options {
         self.messages.clamp(1, 500)
     }
 
+    /// The extra payload sizes of scenario 1 (`--extra-payloads`, zeros left out), each
+    /// with its payload.
+    pub fn extra_payload_bodies(&self) -> Vec<(usize, Bytes)> {
+        self.extra_payloads
+            .iter()
+            .filter(|s| **s > 0)
+            .map(|&s| (s, Self::payload_of(s)))
+            .collect()
+    }
+
     /// Messages per run at an extra payload size.
     pub fn messages_at(&self, size: usize) -> usize {
         self.messages.min(self.extra_bytes / size.max(1)).max(100)
@@ -206,6 +216,41 @@ pub fn transactional_rows(
         last.ratio.push_str(&format!("; {gap:.2} ÷ {versus}"));
     }
     rows
+}
+
+/// Scenario 1 at each extra payload size: the raw client's workload against Surety's,
+/// alternated, a pair of rows per size. `raw` and `surety` build a workload for a payload.
+pub async fn extra_payload_rows<'a>(
+    o: &Options,
+    broker: &'static str,
+    raw_name: &str,
+    payloads: &'a [(usize, Bytes)],
+    raw: impl Fn(&'a Bytes) -> measure::Workload<'a>,
+    surety: impl Fn(&'a Bytes) -> measure::Workload<'a>,
+    reset: Option<&measure::Reset<'_>>,
+) -> Result<Vec<Row>, String> {
+    let mut rows = Vec::new();
+    for (size, payload) in payloads {
+        let n = o.messages_at(*size);
+        let runs = measure::alternate(
+            o.repetitions,
+            o.warmup().min(n),
+            &[(n, raw(payload)), (n, surety(payload))],
+            reset,
+        )
+        .await?;
+        rows.extend(pair(
+            1,
+            broker,
+            (raw_name, &runs[0]),
+            ("surety: Publisher::publish", &runs[1]),
+            n,
+            o.window,
+            *size,
+            "goal ≥ 0.95",
+        ));
+    }
+    Ok(rows)
 }
 
 /// The raw row and the Surety row of a comparison, with the ratio Surety ÷ raw (and the

@@ -385,30 +385,19 @@ pub async fn bench(o: &Options) -> Result<Vec<Row>, String> {
         }
     }
     if o.runs(1) {
-        for &size in o.extra_payloads.iter().filter(|s| **s > 0) {
-            let extra = crate::Options::payload_of(size);
-            let n = o.messages_at(size);
-            let runs = measure::alternate(
-                o.repetitions,
-                o.warmup().min(n),
-                &[
-                    (n, rig.raw(o.window, &extra, false)),
-                    (n, rig.surety(&extra, o.window)),
-                ],
+        let extras = o.extra_payload_bodies();
+        rows.extend(
+            crate::extra_payload_rows(
+                o,
+                "rabbitmq",
+                &raw_name,
+                &extras,
+                |p| rig.raw(o.window, p, false),
+                |p| rig.surety(p, o.window),
                 Some(&reset),
             )
-            .await?;
-            rows.extend(crate::pair(
-                1,
-                "rabbitmq",
-                (&raw_name, &runs[0]),
-                ("surety: Publisher::publish", &runs[1]),
-                n,
-                o.window,
-                size,
-                "goal ≥ 0.95",
-            ));
-        }
+            .await?,
+        );
     }
     if o.runs(3) {
         rows.extend(

@@ -275,33 +275,19 @@ pub async fn bench(o: &Options) -> Result<Vec<Row>, String> {
         }
     }
     if o.runs(1) {
-        for &size in o.extra_payloads.iter().filter(|s| **s > 0) {
-            let extra = crate::Options::payload_of(size);
-            let n = o.messages_at(size);
-            let runs = measure::alternate(
-                o.repetitions,
-                o.warmup().min(n),
-                &[
-                    (n, raw_workload(&raw, &extra, o.window)),
-                    (
-                        n,
-                        measure::surety_workload(&publisher, TOPIC, &extra, o.window),
-                    ),
-                ],
+        let extras = o.extra_payload_bodies();
+        rows.extend(
+            crate::extra_payload_rows(
+                o,
+                "rocketmq",
+                raw_name,
+                &extras,
+                |p| raw_workload(&raw, p, o.window),
+                |p| measure::surety_workload(&publisher, TOPIC, p, o.window),
                 None,
             )
-            .await?;
-            rows.extend(crate::pair(
-                1,
-                "rocketmq",
-                (raw_name, &runs[0]),
-                ("surety: Publisher::publish", &runs[1]),
-                n,
-                o.window,
-                size,
-                "goal ≥ 0.95",
-            ));
-        }
+            .await?,
+        );
     }
     if o.runs(4) {
         let ceiling = match ceiling {
