@@ -135,6 +135,10 @@ pub struct RedriveReport {
 /// a log that cannot delete, moves the group's re-drive cursor past it): a crash in between
 /// re-drives the message again, never loses it. The consumer's inbox absorbs that
 /// duplicate because the id is kept.
+///
+/// A message dead-lettered more than once (an upstream redelivery, or a retried
+/// dead-letter send, leaves two copies with one id) is published once per re-drive: every
+/// copy is removed, and the report holds one receipt for it.
 #[async_trait]
 pub trait DeadLetters: Send + Sync {
     /// Up to `limit` dead letters of `group` on `destination`, oldest first, not yet

@@ -384,6 +384,7 @@ impl DeadLetters for KafkaDeadLetters {
         };
         let mut report = RedriveReport::default();
         let mut found: HashSet<MessageId> = HashSet::new();
+        let mut published: HashSet<(MessageId, String)> = HashSet::new();
         let mut failure = None;
         for r in scan.records.iter().filter(|r| !r.redriven) {
             let chosen = match selection {
@@ -394,12 +395,16 @@ impl DeadLetters for KafkaDeadLetters {
                 continue;
             }
             found.insert(r.message.id().clone());
+            let fresh = redrive_message(&r.message, destination);
+            if !published.insert((fresh.id().clone(), fresh.destination().to_owned())) {
+                // Another copy of a message this re-drive published: its cursor moves too.
+                if let Some(c) = scan.cursors.get_mut(&r.partition) {
+                    c.done.insert(r.offset);
+                }
+                continue;
+            }
             // Confirmed at the origin first; the cursor moves after (below).
-            match self
-                .inner
-                .publish(&redrive_message(&r.message, destination))
-                .await
-            {
+            match self.inner.publish(&fresh).await {
                 Ok(receipt) => {
                     report.redriven.push(receipt);
                     if let Some(c) = scan.cursors.get_mut(&r.partition) {

@@ -445,11 +445,15 @@ impl DeadLetters for MemoryDeadLetters {
                     .collect()
             }
         };
+        let mut published = HashSet::new();
         for dead in chosen {
-            // Confirmed at the origin first, removed second: never lost in between.
-            let receipt = self.shared.publish(&redrive_message(&dead, destination))?;
+            let fresh = redrive_message(&dead, destination);
+            // Another copy of a message already published by this re-drive: removed only.
+            if published.insert((fresh.id().clone(), fresh.destination().to_owned())) {
+                // Confirmed at the origin first, removed second: never lost in between.
+                report.redriven.push(self.shared.publish(&fresh)?);
+            }
             self.remove(&name, &dead);
-            report.redriven.push(receipt);
         }
         Ok(report)
     }

@@ -25,6 +25,7 @@
 //!   when the channel closes (a crash at any point re-drives again, never loses: the
 //!   message id is kept, so the consumer's inbox absorbs a duplicate).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -185,9 +186,12 @@ impl DeadLetters for RabbitDeadLetters {
             RedriveSelection::Ids(ids) => Some(ids),
         };
         let mut found: Vec<MessageId> = Vec::new();
+        let mut published: HashSet<(MessageId, String)> = HashSet::new();
+        let mut removed: u32 = 0;
         let result: Result<()> = async {
-            // Every copy of a selected message is re-driven (a message dead-lettered
-            // twice has two), so the walk covers the whole queue as it was at the start.
+            // Every copy of a selected message is taken off the queue (a message
+            // dead-lettered twice has two) and the message published once, so the walk
+            // covers the whole queue as it was at the start.
             for _ in 0..ready {
                 let Some(got) = Self::take(&channel, &queue).await? else {
                     break;
@@ -202,10 +206,15 @@ impl DeadLetters for RabbitDeadLetters {
                     found.push(stored.id().clone());
                 }
                 let fresh = redrive_message(&stored, destination);
-                let receipt = self.publisher.publish(&fresh).await.map_err(|e| {
-                    e.with_context("message_id", stored.id().as_str())
-                        .with_context("redriven_before_failure", report.redriven.len().to_string())
-                })?;
+                let first = published.insert((fresh.id().clone(), fresh.destination().to_owned()));
+                let receipt = if first {
+                    Some(self.publisher.publish(&fresh).await.map_err(|e| {
+                        e.with_context("message_id", stored.id().as_str())
+                            .with_context("redriven_before_failure", report.redriven.len().to_string())
+                    })?)
+                } else {
+                    None // another copy of a message confirmed above: acked only
+                };
                 // Acked only after the confirm: a crash before this line re-drives it again.
                 d.acker
                     .ack(BasicAckOptions::default())
@@ -219,13 +228,14 @@ impl DeadLetters for RabbitDeadLetters {
                         .with_context("message_id", stored.id().as_str())
                         .with_source(e)
                     })?;
-                report.redriven.push(receipt);
+                removed += 1;
+                report.redriven.extend(receipt);
             }
             Ok(())
         }
         .await;
         // Unselected messages (and one whose publish failed) go back to the queue.
-        let left = ready.saturating_sub(report.redriven.len() as u32);
+        let left = ready.saturating_sub(removed);
         self.release(&channel, &queue, left).await;
         result?;
         if let Some(ids) = wanted {

@@ -29,7 +29,7 @@
 
 #![allow(deprecated)] // The classic pull consumer is the client's pull-by-offset API.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -336,6 +336,7 @@ impl DeadLetters for RocketMqDeadLetters {
         let scan = self.scan(destination, group, usize::MAX).await?;
         let mut report = RedriveReport::default();
         let mut found: Vec<MessageId> = Vec::new();
+        let mut published: HashSet<(MessageId, String)> = HashSet::new();
         // Per queue: whether every record so far was re-driven, and the cursor it allows.
         let mut prefix: HashMap<usize, (bool, i64)> = scan
             .queues
@@ -357,6 +358,14 @@ impl DeadLetters for RocketMqDeadLetters {
             found.push(r.message.id().clone());
             // Confirmed at the origin first; the cursor moves after (below).
             let fresh = redrive_message(&r.message, destination);
+            if !published.insert((fresh.id().clone(), fresh.destination().to_owned())) {
+                // Another copy of a message this re-drive published (%DLQ% holds every
+                // topic of the group, hence the destination in the key).
+                if entry.0 {
+                    entry.1 = r.offset + 1;
+                }
+                continue;
+            }
             match self
                 .publisher
                 .publish_to(&fresh, fresh.destination(), &[])
