@@ -460,12 +460,9 @@ async fn restart_broker(name: &'static str) -> Result<(), String> {
     // The script's own lines say what went wrong; the broker log tail it appends is
     // context, kept short.
     let stderr = String::from_utf8_lossy(&output.stderr);
-    let own: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("brokers:"))
-        .collect();
-    let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
-    let tail = tail.into_iter().rev().collect::<Vec<_>>().join(" / ");
+    let (own, log): (Vec<&str>, Vec<&str>) =
+        stderr.lines().partition(|l| l.starts_with("brokers:"));
+    let tail = log[log.len().saturating_sub(3)..].join(" / ");
     Err(format!(
         "scripts/brokers restart {name} failed ({}): {} / log: {tail}",
         output.status,
