@@ -10,7 +10,7 @@ use std::time::Duration;
 use libtest_mimic::{Arguments, Failed, Trial};
 use surety_conformance::runner::{adapters_from_env, quiet_deliberate_panics};
 use surety_conformance::{CASES, Fixture, Report, Verdict};
-use surety_core::Broker;
+use surety_core::{Broker, CapabilityCheck};
 use surety_memory::{MemoryBroker, MemoryConfig};
 use surety_sql::{SqlStore, StoreConfig, TableNames};
 
@@ -112,6 +112,14 @@ fn main() -> std::process::ExitCode {
     quiet_deliberate_panics();
     let args = Arguments::from_args();
 
+    // Every adapter behind the capability layer, as applications get it from
+    // `surety::connect`: an unsupported call fails there.
+    let fixture = |adapter: &str| {
+        fixture(adapter).map(|f| Fixture {
+            broker: CapabilityCheck::wrap(f.broker.clone()),
+            ..f
+        })
+    };
     let Some(fixtures) = adapters_from_env("conformance", fixture) else {
         return std::process::ExitCode::FAILURE;
     };

@@ -35,7 +35,9 @@ use futures::future::BoxFuture;
 use libtest_mimic::{Arguments, Failed, Trial};
 use surety_conformance::faults::{self, DyingConsumer, EffectStore, FaultReport, FaultRow};
 use surety_conformance::{FaultProxy, Fixture, ProxyOptions};
-use surety_core::{Broker, Message, MessageId, Publisher, Receipt, TxState, check_back_fn};
+use surety_core::{
+    Broker, CapabilityCheck, Message, MessageId, Publisher, Receipt, TxState, check_back_fn,
+};
 use surety_memory::MemoryBroker;
 // Table names below are built from a fixed word and a random hex number only.
 use surety_sql::sqlx::{self, AssertSqlSafe, PgConnection, PgPool, Row};
@@ -1135,6 +1137,13 @@ fn main() -> std::process::ExitCode {
         args.test_threads = Some(1);
     }
 
+    // Behind the capability layer, as applications get their broker.
+    let fixture = |adapter: &str| {
+        fixture(adapter).map(|f| Fixture {
+            broker: CapabilityCheck::wrap(f.broker.clone()),
+            ..f
+        })
+    };
     let Some(fixtures) = surety_conformance::runner::adapters_from_env("faults", fixture) else {
         return std::process::ExitCode::FAILURE;
     };

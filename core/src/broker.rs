@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use crate::capability::{Capabilities, Capability};
 use crate::consume::Subscriber;
 use crate::dead_letter::DeadLetters;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::publish::Publisher;
 use crate::transaction::{BrokerTransaction, CheckBack, TransactionalPublisher};
 
@@ -74,16 +74,12 @@ pub trait Broker: Send + Sync {
         check_back: Arc<dyn CheckBack>,
     ) -> Result<Arc<dyn TransactionalPublisher>> {
         let _ = (producer_group, check_back);
-        self.capabilities()
-            .require(self.name(), Capability::HalfMessages)?;
-        Err(Error::unsupported(self.name(), "half messages"))
+        Err(Capability::HalfMessages.unsupported(self.name()))
     }
 
     /// Begins a broker-native transaction. Requires [`Capability::BrokerTransactions`].
     async fn begin_transaction(&self) -> Result<Box<dyn BrokerTransaction>> {
-        self.capabilities()
-            .require(self.name(), Capability::BrokerTransactions)?;
-        Err(Error::unsupported(self.name(), "broker transactions"))
+        Err(Capability::BrokerTransactions.unsupported(self.name()))
     }
 
     /// A subscriber.
@@ -95,8 +91,6 @@ pub trait Broker: Send + Sync {
     /// The operator's view of dead letters: list and re-drive. Requires
     /// [`Capability::DeadLetter`].
     async fn dead_letters(&self) -> Result<Arc<dyn DeadLetters>> {
-        self.capabilities()
-            .require(self.name(), Capability::DeadLetter)?;
-        Err(Error::unsupported(self.name(), "dead-letter browsing"))
+        Err(Capability::DeadLetter.unsupported(self.name()))
     }
 }

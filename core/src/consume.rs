@@ -1,17 +1,14 @@
 //! Ack-after-process consumption with bounded redelivery and dead letters.
 //!
 //! The adapter calls the [`Handler`], waits for its [`Outcome`], and only then acks,
-//! schedules a redelivery or dead-letters the message. [`decide`] turns the outcome into
-//! that [`Disposition`] the same way for every adapter.
+//! schedules a redelivery or dead-letters the message, the same way on every adapter
+//! (`raw::ConsumePath` decides).
 
-use std::any::Any;
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::FutureExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -114,101 +111,6 @@ where
 {
     async fn handle(&self, delivery: &Delivery) -> Result<Outcome, HandlerError> {
         (self.0)(delivery.clone()).await
-    }
-}
-
-/// What the adapter must do with a delivery once the handler is done.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Disposition {
-    /// Ack it.
-    Ack,
-    /// Deliver it again after `after`; the next delivery is attempt `next_attempt`.
-    Redeliver {
-        /// Delay before the next delivery.
-        after: Duration,
-        /// The attempt number of the next delivery.
-        next_attempt: u32,
-    },
-    /// Send it to the dead-letter destination, then ack it.
-    DeadLetter {
-        /// Why.
-        reason: String,
-        /// How many deliveries it had.
-        attempts: u32,
-    },
-}
-
-/// Turns a handler's result on delivery number `attempt` into a [`Disposition`].
-pub fn decide(
-    result: &Result<Outcome, HandlerFailure>,
-    attempt: u32,
-    policy: &RetryPolicy,
-) -> Disposition {
-    let (after, failure) = match result {
-        Ok(Outcome::Ack) => return Disposition::Ack,
-        Ok(Outcome::Reject { reason }) => {
-            return Disposition::DeadLetter {
-                reason: format!("rejected: {reason}"),
-                attempts: attempt,
-            };
-        }
-        Ok(Outcome::Retry { after }) => (*after, "handler asked to retry".to_owned()),
-        Err(failure) => (None, failure.to_string()),
-    };
-    if policy.allows_another(attempt) {
-        Disposition::Redeliver {
-            after: after.unwrap_or_else(|| policy.delay(attempt)),
-            next_attempt: attempt + 1,
-        }
-    } else {
-        Disposition::DeadLetter {
-            reason: format!("retries exhausted after {attempt} attempts; last: {failure}"),
-            attempts: attempt,
-        }
-    }
-}
-
-/// Why a handler did not return an outcome.
-#[derive(Debug)]
-pub enum HandlerFailure {
-    /// It returned an error.
-    Error(String),
-    /// It panicked.
-    Panic(String),
-}
-
-impl std::fmt::Display for HandlerFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HandlerFailure::Error(e) => write!(f, "handler error: {e}"),
-            HandlerFailure::Panic(p) => write!(f, "handler panicked: {p}"),
-        }
-    }
-}
-
-/// Runs a handler, catching a panic so that it becomes a retry instead of killing the
-/// consumer.
-pub async fn run_handler(
-    handler: &dyn Handler,
-    delivery: &Delivery,
-) -> Result<Outcome, HandlerFailure> {
-    match AssertUnwindSafe(handler.handle(delivery))
-        .catch_unwind()
-        .await
-    {
-        Ok(Ok(outcome)) => Ok(outcome),
-        Ok(Err(e)) => Err(HandlerFailure::Error(e.to_string())),
-        Err(panic) => Err(HandlerFailure::Panic(panic_text(&panic))),
-    }
-}
-
-pub(crate) fn panic_text(panic: &Box<dyn Any + Send>) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic".to_owned()
     }
 }
 
@@ -319,81 +221,5 @@ impl SubscriptionHandle {
 impl Drop for SubscriptionHandle {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn policy() -> RetryPolicy {
-        RetryPolicy::with_max_attempts(3)
-            .backoff(Duration::from_millis(10), Duration::from_millis(100))
-            .jitter(0.0)
-    }
-
-    #[test]
-    fn ack_and_reject() {
-        assert_eq!(decide(&Ok(Outcome::Ack), 1, &policy()), Disposition::Ack);
-        assert_eq!(
-            decide(&Ok(Outcome::reject("bad order")), 1, &policy()),
-            Disposition::DeadLetter {
-                reason: "rejected: bad order".into(),
-                attempts: 1
-            }
-        );
-    }
-
-    #[test]
-    fn errors_retry_until_the_limit_then_dead_letter() {
-        let err = Err(HandlerFailure::Error("db down".into()));
-        assert_eq!(
-            decide(&err, 1, &policy()),
-            Disposition::Redeliver {
-                after: Duration::from_millis(10),
-                next_attempt: 2
-            }
-        );
-        match decide(&err, 3, &policy()) {
-            Disposition::DeadLetter { reason, attempts } => {
-                assert_eq!(attempts, 3);
-                assert!(reason.contains("db down"), "{reason}");
-            }
-            other => panic!("expected dead letter, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn retry_after_honours_the_delay() {
-        assert_eq!(
-            decide(
-                &Ok(Outcome::retry_after(Duration::from_secs(5))),
-                1,
-                &policy()
-            ),
-            Disposition::Redeliver {
-                after: Duration::from_secs(5),
-                next_attempt: 2
-            }
-        );
-    }
-
-    #[tokio::test]
-    async fn a_panicking_handler_is_a_failure_not_a_crash() {
-        let h = handler_fn(|_d: Delivery| async move {
-            if true {
-                panic!("boom");
-            }
-            Ok(Outcome::Ack)
-        });
-        let d = Delivery {
-            message: Message::new("d", "x"),
-            attempt: 1,
-            group: "g".into(),
-        };
-        match run_handler(&h, &d).await {
-            Err(HandlerFailure::Panic(p)) => assert_eq!(p, "boom"),
-            other => panic!("expected panic failure, got {other:?}"),
-        }
     }
 }

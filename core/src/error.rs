@@ -101,16 +101,6 @@ impl Error {
         }
     }
 
-    /// Shorthand for an [`ErrorKind::Unsupported`] error naming adapter and operation.
-    pub fn unsupported(adapter: &str, operation: &str) -> Self {
-        Error::new(
-            ErrorKind::Unsupported,
-            format!("{adapter} does not support {operation}"),
-        )
-        .with_context("adapter", adapter)
-        .with_context("operation", operation)
-    }
-
     /// Shorthand for an [`ErrorKind::InvalidMessage`] error.
     pub fn invalid(message: impl Into<String>) -> Self {
         Error::new(ErrorKind::InvalidMessage, message)
@@ -222,7 +212,7 @@ mod tests {
 
     #[test]
     fn display_names_kind_verdict_and_context() {
-        let e = Error::unsupported("memory", "broker transactions");
+        let e = crate::Capability::BrokerTransactions.unsupported("memory");
         let text = e.to_string();
         assert!(text.contains("unsupported"), "{text}");
         assert!(text.contains("permanent"), "{text}");

@@ -11,9 +11,12 @@
 //! - [`TransactionalPublisher`] and [`CheckBack`]: half messages.
 //! - [`Subscriber`], [`Handler`], [`Outcome`]: ack after process, bounded redelivery
 //!   under a [`RetryPolicy`], dead letters.
-//! - [`Error`] with an [`ErrorKind`] and a retry verdict; [`Capabilities`] per adapter.
+//! - [`Error`] with an [`ErrorKind`] and a retry verdict; [`Capabilities`] per adapter,
+//!   enforced in front of every adapter by [`CapabilityCheck`].
 //! - [`DeadLetters`]: list and re-drive a group's dead letters on any broker.
 //! - [`telemetry`]: every metric and span name.
+//! - [`raw`]: for adapter authors, the publish, consume and re-drive paths every adapter
+//!   shares.
 #![deny(missing_docs)]
 
 mod broker;
@@ -23,15 +26,16 @@ mod dead_letter;
 mod error;
 mod message;
 mod publish;
+pub mod raw;
 mod retry;
 pub mod telemetry;
 mod transaction;
 
 pub use broker::{Broker, Topology};
-pub use capability::{Capabilities, Capability};
+pub use capability::{Capabilities, Capability, CapabilityCheck};
 pub use consume::{
-    Delivery, Disposition, Handler, HandlerError, HandlerFailure, HandlerFn, Outcome, Subscriber,
-    Subscription, SubscriptionHandle, decide, handler_fn, run_handler,
+    Delivery, Handler, HandlerError, HandlerFn, Outcome, Subscriber, Subscription,
+    SubscriptionHandle, handler_fn,
 };
 pub use dead_letter::{
     DeadLetter, DeadLetters, MAX_REASON_LEN, RedriveReport, RedriveSelection, dead_letter_message,

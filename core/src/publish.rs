@@ -2,7 +2,8 @@
 
 use async_trait::async_trait;
 
-use crate::error::{Error, Result};
+use crate::capability::Capability;
+use crate::error::Result;
 use crate::message::{Message, MessageId};
 
 /// Proof that the broker took responsibility for a message.
@@ -38,7 +39,7 @@ impl Receipt {
 ///
 /// `publish` returns `Ok` only once the broker has taken responsibility for the message
 /// (RabbitMQ publisher confirm without a return, Kafka delivery report with `acks=all`,
-/// RocketMQ `SEND_OK`). Any other outcome is an [`Error`] whose kind says whether a retry
+/// RocketMQ `SEND_OK`). Any other outcome is an [`crate::Error`] whose kind says whether a retry
 /// can help. Retrying is safe with respect to effects: the message id stays the same, so
 /// an idempotent consumer absorbs a duplicate.
 ///
@@ -79,6 +80,6 @@ pub trait Publisher: Send + Sync {
     /// an [`crate::ErrorKind::Unsupported`] error.
     async fn publish_oneway(&self, message: &Message) -> Result<()> {
         let _ = message;
-        Err(Error::unsupported("this adapter", "oneway publish"))
+        Err(Capability::OnewayPublish.unsupported("this adapter"))
     }
 }

@@ -5,6 +5,7 @@
 //! has the label `adapter`; publish metrics also `destination`.
 
 use crate::error::ErrorKind;
+use crate::raw::Disposition;
 use crate::transaction::TxState;
 
 /// Counter: messages handed to a broker for a confirmed publish.
@@ -23,7 +24,8 @@ pub const ACKED: &str = "surety_acked_total";
 pub const RETRIED: &str = "surety_retried_total";
 /// Counter: messages dead-lettered; label `group`.
 pub const DEAD_LETTERED: &str = "surety_dead_lettered_total";
-/// Counter: dead-letter attempts that failed (the message stays and is retried).
+/// Counter: dead-letter attempts that failed (the message stays and is retried); label
+/// `group`.
 pub const DEAD_LETTER_FAILED: &str = "surety_dead_letter_failed_total";
 /// Counter: check-back answers; label `state` ([`TxState::as_str`]).
 pub const CHECK_BACKS: &str = "surety_check_backs_total";
@@ -50,7 +52,11 @@ pub const SPAN_CHECK_BACK: &str = "surety.check_back";
 pub const SPAN_RELAY_BATCH: &str = "surety.relay_batch";
 
 /// Records the result of one confirmed publish.
-pub fn record_publish(adapter: &'static str, destination: &str, result: Result<(), ErrorKind>) {
+pub(crate) fn record_publish(
+    adapter: &'static str,
+    destination: &str,
+    result: Result<(), ErrorKind>,
+) {
     let destination = destination.to_owned();
     metrics::counter!(PUBLISHED, "adapter" => adapter, "destination" => destination.clone())
         .increment(1);
@@ -69,7 +75,7 @@ pub fn record_publish(adapter: &'static str, destination: &str, result: Result<(
 
 /// [`record_publish`], plus the time since `started` in [`PUBLISH_SECONDS`] when the
 /// publish was confirmed.
-pub fn record_publish_since(
+pub(crate) fn record_publish_since(
     adapter: &'static str,
     destination: &str,
     result: Result<(), ErrorKind>,
@@ -84,22 +90,28 @@ pub fn record_publish_since(
 }
 
 /// Records a delivery handed to a handler.
-pub fn record_delivered(adapter: &'static str, group: &str) {
+pub(crate) fn record_delivered(adapter: &'static str, group: &str) {
     metrics::counter!(DELIVERED, "adapter" => adapter, "group" => group.to_owned()).increment(1);
 }
 
 /// Records a check-back answer.
-pub fn record_check_back(adapter: &'static str, state: TxState) {
+pub(crate) fn record_check_back(adapter: &'static str, state: TxState) {
     metrics::counter!(CHECK_BACKS, "adapter" => adapter, "state" => state.as_str()).increment(1);
 }
 
 /// Records how a delivery was settled.
-pub fn record_settled(adapter: &'static str, group: &str, disposition: &crate::Disposition) {
+pub(crate) fn record_settled(adapter: &'static str, group: &str, disposition: &Disposition) {
     let group = group.to_owned();
     let name = match disposition {
-        crate::Disposition::Ack => ACKED,
-        crate::Disposition::Redeliver { .. } => RETRIED,
-        crate::Disposition::DeadLetter { .. } => DEAD_LETTERED,
+        Disposition::Ack => ACKED,
+        Disposition::Redeliver { .. } => RETRIED,
+        Disposition::DeadLetter { .. } => DEAD_LETTERED,
     };
     metrics::counter!(name, "adapter" => adapter, "group" => group).increment(1);
+}
+
+/// Records a dead letter that could not be sent (the message is kept).
+pub(crate) fn record_dead_letter_failed(adapter: &'static str, group: &str) {
+    metrics::counter!(DEAD_LETTER_FAILED, "adapter" => adapter, "group" => group.to_owned())
+        .increment(1);
 }

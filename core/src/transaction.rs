@@ -116,15 +116,21 @@ pub trait TransactionalPublisher: Publisher {
     ) -> Result<TxOutcome>;
 }
 
-/// Runs a local transaction, turning a panic into `Unknown` so that a crash in the
-/// caller's code is resolved by the check-back, never silently committed.
+/// Runs a local transaction inside a [`crate::telemetry::SPAN_LOCAL_TRANSACTION`] span,
+/// turning a panic into `Unknown` so that a crash in the caller's code is resolved by the
+/// check-back, never silently committed.
 pub async fn run_local_transaction(message: &Message, local: LocalTransaction<'_>) -> TxState {
-    match AssertUnwindSafe(local).catch_unwind().await {
+    let span = tracing::info_span!(
+        crate::telemetry::SPAN_LOCAL_TRANSACTION,
+        message_id = %message.id()
+    );
+    let run = AssertUnwindSafe(local).catch_unwind();
+    match tracing::Instrument::instrument(run, span).await {
         Ok(state) => state,
         Err(panic) => {
             tracing::error!(
                 message_id = %message.id(),
-                panic = %crate::consume::panic_text(&panic),
+                panic = %crate::raw::consume::panic_text(&panic),
                 "local transaction panicked; leaving the message to the check-back"
             );
             TxState::Unknown
@@ -150,7 +156,7 @@ pub async fn run_check_back(
         Err(panic) => {
             tracing::error!(
                 message_id = %message.id(),
-                panic = %crate::consume::panic_text(&panic),
+                panic = %crate::raw::consume::panic_text(&panic),
                 "check-back panicked; treating as unknown"
             );
             TxState::Unknown

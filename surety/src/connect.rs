@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use crate::{Broker, Error, ErrorKind, Result};
 
-/// Connects to the broker named by `url` and returns it behind the `Broker` contract.
+/// Connects to the broker named by `url` and returns it behind the `Broker` contract,
+/// with the capability layer in front ([`crate::CapabilityCheck`]: a call the adapter
+/// does not support fails there, with an `Unsupported` error).
 ///
 /// | scheme | adapter | cargo feature |
 /// |---|---|---|
@@ -17,6 +19,11 @@ use crate::{Broker, Error, ErrorKind, Result};
 /// feature to enable. The URL is never echoed whole in errors, since it may carry
 /// credentials.
 pub async fn connect(url: &str) -> Result<Arc<dyn Broker>> {
+    adapter(url).await.map(crate::CapabilityCheck::wrap)
+}
+
+/// The adapter behind `url`, without the capability layer.
+async fn adapter(url: &str) -> Result<Arc<dyn Broker>> {
     let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or_default();
     match scheme {
         #[cfg(feature = "memory")]

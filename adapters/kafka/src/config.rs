@@ -5,7 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
-use surety_core::{Error, ErrorKind, Result};
+use surety_core::{Error, ErrorKind, Result, RetryPolicy};
 
 use crate::ADAPTER;
 
@@ -53,6 +53,9 @@ pub struct KafkaConfig {
     /// How long a rebalance waits for a revoked partition's in-flight handler to settle
     /// before giving the partition up without committing it.
     pub rebalance_drain_timeout: Duration,
+    /// Retries of a publish that failed with a retryable error after librdkafka's own
+    /// retries (`delivery_timeout`) ran out, with the same message id. Off by default.
+    pub publish_retry: Option<RetryPolicy>,
 }
 
 /// The producer's `message.max.bytes` (librdkafka default, below the broker's).
@@ -74,6 +77,7 @@ impl KafkaConfig {
             max_message_size: PRODUCER_MESSAGE_MAX_BYTES - 64 * 1024,
             transactional_id_prefix: "surety".to_owned(),
             rebalance_drain_timeout: Duration::from_secs(30),
+            publish_retry: None,
         }
     }
 
@@ -277,6 +281,7 @@ impl fmt::Debug for KafkaConfig {
             .field("session_timeout", &self.session_timeout)
             .field("transaction_timeout", &self.transaction_timeout)
             .field("max_message_size", &self.max_message_size)
+            .field("publish_retry", &self.publish_retry)
             .field("transactional_id_prefix", &self.transactional_id_prefix)
             .finish()
     }

@@ -25,18 +25,18 @@ use async_trait::async_trait;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::OwnedMessage;
 use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
+use surety_core::raw::{ConsumePath, PublishPath, Settle};
 use surety_core::{
-    Delivery, Disposition, Error, ErrorKind, Handler, Result, Subscriber, Subscription,
-    SubscriptionHandle, dead_letter_message, decide, run_handler, telemetry,
+    Delivery, Error, ErrorKind, Handler, HandlerError, Message, Outcome, Result, Subscriber,
+    Subscription, SubscriptionHandle,
 };
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::AbortHandle;
-use tracing::Instrument;
 
 use crate::ADAPTER;
-use crate::broker::{Inner, KafkaBroker, blocking, validate_topic};
 use crate::codec::{decode, retry_message};
 use crate::config::create;
+use crate::shared::{Inner, blocking, dead_letter_topic, retry_topic, validate_topic};
 
 /// A lane pauses its partition when this many records wait, and resumes it below
 /// `LOW_WATER`, so a slow partition does not fill memory or stall the others.
@@ -75,7 +75,7 @@ impl Subscriber for KafkaSubscriber {
         }
         // The retry topic belongs to the group: make sure it exists even if the group
         // was never declared (a reader of a dead-letter topic, say).
-        let retry_topic = KafkaBroker::retry_topic(&source, &subscription.group);
+        let retry_topic = retry_topic(&source, &subscription.group);
         if self.inner.check_topic(&retry_topic).await.is_err() {
             self.inner
                 .create_topics(std::slice::from_ref(&retry_topic))
@@ -84,16 +84,19 @@ impl Subscriber for KafkaSubscriber {
         let dead_letter = subscription
             .dead_letter
             .clone()
-            .unwrap_or_else(|| KafkaBroker::dead_letter_topic(&source, &subscription.group));
+            .unwrap_or_else(|| dead_letter_topic(&source, &subscription.group));
 
         let (stop, stop_rx) = SubscriptionHandle::stop_signal();
         let core = Arc::new(Core {
             inner: self.inner.clone(),
-            permits: Arc::new(Semaphore::new(subscription.concurrency.max(1))),
+            path: ConsumePath::new(ADAPTER, &subscription, dead_letter),
+            publish: self.inner.publish_path(),
+            handler: Arc::new(Permitted {
+                handler,
+                permits: Semaphore::new(subscription.concurrency.max(1)),
+            }),
             subscription,
-            handler,
             retry_topic: retry_topic.clone(),
-            dead_letter,
             lanes: Mutex::default(),
             crashed: AtomicBool::new(false),
             stop: stop_rx.clone(),
@@ -154,10 +157,11 @@ impl Drop for CrashGuard {
 struct Core {
     inner: Arc<Inner>,
     subscription: Subscription,
-    handler: Arc<dyn Handler>,
+    path: ConsumePath,
+    /// The publish path of retry copies and dead letters.
+    publish: PublishPath,
+    handler: Arc<Permitted>,
     retry_topic: String,
-    dead_letter: String,
-    permits: Arc<Semaphore>,
     lanes: Mutex<HashMap<(String, i32), LaneEntry>>,
     crashed: AtomicBool,
     stop: watch::Receiver<bool>,
@@ -480,7 +484,6 @@ impl Lane {
 
     async fn process(&mut self, record: OwnedMessage, first: &mut bool) -> Step {
         let core = self.core.clone();
-        let sub = &core.subscription;
         let offset = record.offset();
         let decoded = decode(&record);
         drop(record);
@@ -508,79 +511,110 @@ impl Lane {
             let delivery = Delivery {
                 message: decoded.message.clone(),
                 attempt: decoded.prior_attempts + deliveries,
-                group: sub.group.clone(),
+                group: core.subscription.group.clone(),
             };
-            let span = tracing::info_span!(
-                "surety.consume",
-                message_id = %delivery.message.id(),
-                destination = %delivery.message.destination(),
-                group = %sub.group,
-                attempt = delivery.attempt,
-            );
-            metrics::counter!(telemetry::DELIVERED, "adapter" => ADAPTER, "group" => sub.group.clone())
-                .increment(1);
-            let result = {
-                let _permit = core.permits.acquire().await;
-                run_handler(core.handler.as_ref(), &delivery)
-                    .instrument(span)
-                    .await
+            let mut settle = LaneSettle {
+                lane: self,
+                message: &decoded.message,
+                offset,
+                attempt: delivery.attempt,
+                next: Step::Next,
+                again: false,
             };
-            let disposition = decide(&result, delivery.attempt, &sub.retry);
-            let settled = match &disposition {
-                Disposition::Ack => Ok(()),
-                Disposition::Redeliver { after, .. } if sub.ordered => {
-                    // Ordered: retry in place, holding back the rest of the partition
-                    // (and so every later message with this key).
-                    telemetry::record_settled(ADAPTER, &sub.group, &disposition);
-                    if !self.pause(*after).await {
-                        return Step::Stop;
-                    }
-                    continue;
-                }
-                Disposition::Redeliver { after, .. } => {
-                    let retry = retry_message(
-                        &decoded.message,
-                        &core.retry_topic,
-                        delivery.attempt,
-                        SystemTime::now() + *after,
-                    );
-                    core.inner.publish(&retry).await.map(|_| ())
-                }
-                Disposition::DeadLetter { reason, attempts } => {
-                    let dead = dead_letter_message(
-                        &decoded.message,
-                        &core.dead_letter,
-                        &sub.group,
-                        reason,
-                        *attempts,
-                    );
-                    let r = core.inner.publish(&dead).await.map(|_| ());
-                    if r.is_err() {
-                        metrics::counter!(telemetry::DEAD_LETTER_FAILED, "adapter" => ADAPTER)
-                            .increment(1);
-                    }
-                    r
-                }
-            };
-            match settled {
-                Ok(()) => {
-                    telemetry::record_settled(ADAPTER, &sub.group, &disposition);
-                    self.pending_ack = Some(offset + 1);
-                    return Step::Next;
-                }
-                Err(e) => {
-                    // Neither lost nor hot-looped: the offset stays where it is, and the
-                    // record is delivered again in place after the longest backoff.
-                    tracing::error!(
-                        message_id = %decoded.message.id(),
-                        error = %e,
-                        "cannot move the record to its retry or dead-letter topic; kept in place"
-                    );
-                    if !self.pause(sub.retry.max_backoff).await {
-                        return Step::Stop;
-                    }
-                }
+            core.path
+                .deliver(delivery, core.handler.as_ref(), &mut settle)
+                .await;
+            let (next, again) = (settle.next, settle.again);
+            if let Step::Stop = next {
+                return Step::Stop;
+            }
+            if !again {
+                return Step::Next;
             }
         }
+    }
+}
+
+/// The subscription's handler, run by at most `concurrency` lanes at once.
+struct Permitted {
+    handler: Arc<dyn Handler>,
+    permits: Semaphore,
+}
+
+#[async_trait]
+impl Handler for Permitted {
+    async fn handle(&self, delivery: &Delivery) -> std::result::Result<Outcome, HandlerError> {
+        let _permit = self.permits.acquire().await;
+        self.handler.handle(delivery).await
+    }
+}
+
+/// One record being settled by its lane. Settling moves the lane's offset past the
+/// record; a retry in place (ordered subscriptions, or nothing could be written) delivers
+/// it again from the lane's loop.
+struct LaneSettle<'a> {
+    lane: &'a mut Lane,
+    message: &'a Message,
+    offset: i64,
+    attempt: u32,
+    next: Step,
+    /// Deliver the same record again, in place.
+    again: bool,
+}
+
+impl LaneSettle<'_> {
+    /// Waits `after` in place, then the lane delivers the record again (unless it must
+    /// stop).
+    async fn in_place(&mut self, after: Duration) {
+        if self.lane.pause(after).await {
+            self.again = true;
+        } else {
+            self.next = Step::Stop;
+        }
+    }
+}
+
+#[async_trait]
+impl Settle for LaneSettle<'_> {
+    async fn ack(&mut self) -> Result<()> {
+        self.lane.pending_ack = Some(self.offset + 1);
+        Ok(())
+    }
+
+    async fn redeliver(&mut self, after: Duration, _next_attempt: u32) -> Result<()> {
+        let core = self.lane.core.clone();
+        if core.subscription.ordered {
+            // Ordered: retry in place, holding back the rest of the partition (and so
+            // every later message with this key).
+            self.in_place(after).await;
+            return Ok(());
+        }
+        let retry = retry_message(
+            self.message,
+            &core.retry_topic,
+            self.attempt,
+            SystemTime::now() + after,
+        );
+        core.publish
+            .run(&retry, &core.retry_topic, || core.inner.send(&retry))
+            .await?;
+        self.lane.pending_ack = Some(self.offset + 1);
+        Ok(())
+    }
+
+    async fn dead_letter(&mut self, dead_letter: &Message) -> Result<()> {
+        let core = self.lane.core.clone();
+        core.publish
+            .run(dead_letter, dead_letter.destination(), || {
+                core.inner.send(dead_letter)
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Neither lost nor hot-looped: the offset stays where it is, and the record is
+    /// delivered again in place after `after`.
+    async fn hold(&mut self, after: Duration, _next_attempt: u32) {
+        self.in_place(after).await;
     }
 }

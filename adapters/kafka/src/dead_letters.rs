@@ -3,7 +3,7 @@
 //!
 //! A Kafka log cannot delete a record, so "removed from the dead letters" is a *cursor*:
 //! the committed offsets of a dedicated consumer group, `<group>.surety-redrive`
-//! ([`KafkaBroker::redrive_cursor_group`]). Everything before the cursor has been
+//! ([`crate::KafkaBroker::redrive_cursor_group`]). Everything before the cursor has been
 //! re-driven; `list` shows the records from the cursor on.
 //!
 //! - **Reading** uses a consumer of the cursor group that is *assigned* the partitions
@@ -36,16 +36,14 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, DefaultConsumerConte
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message as _, Offset, TopicPartitionList};
-use surety_core::{
-    DeadLetter, DeadLetters, Error, ErrorKind, Message, MessageId, RedriveReport, RedriveSelection,
-    Result, redrive_message,
-};
+use surety_core::raw::{DeadLetterLog, DeadLetterPass, PassScope, StoredDeadLetter};
+use surety_core::{Error, ErrorKind, Message, Result};
 
 use crate::ADAPTER;
-use crate::broker::{Inner, KafkaBroker, blocking, validate_topic};
 use crate::codec::decode;
 use crate::config::create;
 use crate::error::broker_error;
+use crate::shared::{Inner, blocking, dead_letter_topic, redrive_cursor_group, validate_topic};
 
 /// Prefix of the commit metadata listing offsets re-driven beyond the cursor.
 const REDRIVEN_PREFIX: &str = "surety-redriven:";
@@ -53,6 +51,7 @@ const REDRIVEN_PREFIX: &str = "surety-redriven:";
 const MAX_METADATA: usize = 3000;
 
 /// A dead letter as read from the topic.
+#[derive(Clone)]
 struct Record {
     partition: i32,
     offset: i64,
@@ -81,15 +80,13 @@ struct Scan {
     complete: bool,
 }
 
-pub(crate) struct KafkaDeadLetters {
-    pub(crate) inner: Arc<Inner>,
+pub(crate) struct KafkaDeadLetterLog {
+    inner: Arc<Inner>,
 }
 
-impl KafkaBroker {
-    /// The consumer group whose committed offsets on `<topic>.<group>.dlq` mark what was
-    /// re-driven: `<group>.surety-redrive`.
-    pub fn redrive_cursor_group(group: &str) -> String {
-        format!("{group}.surety-redrive")
+impl KafkaDeadLetterLog {
+    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+        KafkaDeadLetterLog { inner }
     }
 }
 
@@ -316,128 +313,107 @@ fn advance_and_commit(topic: &str, scan: Scan) -> Result<()> {
     Ok(())
 }
 
-#[async_trait]
-impl DeadLetters for KafkaDeadLetters {
-    async fn list(&self, destination: &str, group: &str, limit: usize) -> Result<Vec<DeadLetter>> {
-        validate_topic(destination)?;
-        let topic = KafkaBroker::dead_letter_topic(destination, group);
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let (inner, t, cursor_group) = (
-            self.inner.clone(),
-            topic.clone(),
-            KafkaBroker::redrive_cursor_group(group),
-        );
-        let found = blocking(move || {
-            Ok(scan(&inner, &t, &cursor_group, limit)?.map(|s| {
-                let Scan {
-                    consumer,
-                    records,
-                    complete,
-                    ..
-                } = s;
-                drop(consumer);
-                (records, complete)
-            }))
-        })
-        .await?;
-        let Some((records, complete)) = found else {
-            return Err(no_dead_letter_topic(&topic, destination, group));
-        };
-        if !complete {
-            return Err(Error::new(
-                ErrorKind::Unavailable,
-                format!("could not read dead-letter topic {topic:?} to its end in time"),
-            )
-            .with_context("adapter", ADAPTER));
-        }
-        let mut fresh: Vec<Record> = records.into_iter().filter(|r| !r.redriven).collect();
-        // Oldest first across partitions; each partition's own order is kept.
-        fresh.sort_by_key(|r| (r.timestamp, r.partition, r.offset));
-        Ok(fresh
-            .into_iter()
-            .take(limit)
-            .map(|r| {
-                let position = format!("partition {} offset {}", r.partition, r.offset);
-                DeadLetter::from_message(r.message, Some(position))
-            })
-            .collect())
-    }
+/// One pass: the records read at open, served in order; removing one marks its offset
+/// re-driven, and closing a re-drive pass commits the cursors.
+struct Pass {
+    topic: String,
+    /// `None` for a listing (its reader is closed at once).
+    scan: Option<Scan>,
+    records: std::vec::IntoIter<Record>,
+    last: Option<(i32, i64)>,
+}
 
-    async fn redrive(
+#[async_trait]
+impl DeadLetterLog for KafkaDeadLetterLog {
+    async fn open(
         &self,
         destination: &str,
         group: &str,
-        selection: &RedriveSelection,
-    ) -> Result<RedriveReport> {
+        scope: PassScope,
+    ) -> Result<Box<dyn DeadLetterPass>> {
         validate_topic(destination)?;
-        let topic = KafkaBroker::dead_letter_topic(destination, group);
+        let topic = dead_letter_topic(destination, group);
+        let per_partition = match scope {
+            PassScope::List { limit } => limit,
+            PassScope::Redrive => usize::MAX,
+        };
         let (inner, t, cursor_group) = (
             self.inner.clone(),
             topic.clone(),
-            KafkaBroker::redrive_cursor_group(group),
+            redrive_cursor_group(group),
         );
-        let Some(mut scan) = blocking(move || scan(&inner, &t, &cursor_group, usize::MAX)).await?
+        let Some(scan) = blocking(move || scan(&inner, &t, &cursor_group, per_partition)).await?
         else {
             return Err(no_dead_letter_topic(&topic, destination, group));
         };
-        let mut report = RedriveReport::default();
-        let mut found: HashSet<MessageId> = HashSet::new();
-        let mut published: HashSet<(MessageId, String)> = HashSet::new();
-        let mut failure = None;
-        for r in scan.records.iter().filter(|r| !r.redriven) {
-            let chosen = match selection {
-                RedriveSelection::All => true,
-                RedriveSelection::Ids(ids) => ids.contains(r.message.id()),
-            };
-            if !chosen {
-                continue;
-            }
-            found.insert(r.message.id().clone());
-            let fresh = redrive_message(&r.message, destination);
-            if !published.insert((fresh.id().clone(), fresh.destination().to_owned())) {
-                // Another copy of a message this re-drive published: its cursor moves too.
-                if let Some(c) = scan.cursors.get_mut(&r.partition) {
-                    c.done.insert(r.offset);
+        // The scan keeps every record read (the cursor's advance needs the re-driven ones
+        // too); the pass serves those not re-driven yet.
+        let mut records: Vec<Record> = scan
+            .records
+            .iter()
+            .filter(|r| !r.redriven)
+            .cloned()
+            .collect();
+        let scan = match scope {
+            PassScope::List { .. } => {
+                if !scan.complete {
+                    return Err(Error::new(
+                        ErrorKind::Unavailable,
+                        format!("could not read dead-letter topic {topic:?} to its end in time"),
+                    )
+                    .with_context("adapter", ADAPTER));
                 }
-                continue;
+                // Oldest first across partitions; each partition's own order is kept.
+                records.sort_by_key(|r| (r.timestamp, r.partition, r.offset));
+                blocking(move || {
+                    drop(scan);
+                    Ok(())
+                })
+                .await?;
+                None
             }
-            // Confirmed at the origin first; the cursor moves after (below).
-            match self.inner.publish(&fresh).await {
-                Ok(receipt) => {
-                    report.redriven.push(receipt);
-                    if let Some(c) = scan.cursors.get_mut(&r.partition) {
-                        c.done.insert(r.offset);
-                    }
-                }
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
+            PassScope::Redrive => Some(scan),
+        };
+        Ok(Box::new(Pass {
+            topic,
+            scan,
+            records: records.into_iter(),
+            last: None,
+        }))
+    }
+}
+
+#[async_trait]
+impl DeadLetterPass for Pass {
+    async fn next(&mut self) -> Result<Option<StoredDeadLetter>> {
+        let Some(r) = self.records.next() else {
+            self.last = None;
+            return Ok(None);
+        };
+        self.last = Some((r.partition, r.offset));
+        Ok(Some(StoredDeadLetter {
+            message: r.message,
+            position: Some(format!("partition {} offset {}", r.partition, r.offset)),
+        }))
+    }
+
+    async fn remove(&mut self) -> Result<()> {
+        if let (Some((partition, offset)), Some(scan)) = (self.last, self.scan.as_mut())
+            && let Some(cursor) = scan.cursors.get_mut(&partition)
+        {
+            cursor.done.insert(offset);
         }
-        if let RedriveSelection::Ids(ids) = selection {
-            for id in ids {
-                if !found.contains(id) && !report.not_found.contains(id) {
-                    report.not_found.push(id.clone());
-                }
-            }
+        Ok(())
+    }
+
+    /// Commits what was re-driven, after a failure too: a later re-drive then starts
+    /// after it.
+    async fn close(self: Box<Self>) -> Result<()> {
+        let Pass { topic, scan, .. } = *self;
+        match scan {
+            Some(scan) => blocking(move || advance_and_commit(&topic, scan)).await,
+            None => Ok(()),
         }
-        let t = topic.clone();
-        // Commit what was re-driven even when a publish failed: a later re-drive then
-        // starts after it.
-        let committed = blocking(move || advance_and_commit(&t, scan)).await;
-        if let Some(e) = failure {
-            return Err(
-                e.with_context("redriven_before_failure", report.redriven.len().to_string())
-            );
-        }
-        committed.map_err(|e| {
-            // Published, but the cursor did not move: a later re-drive repeats them.
-            e.with_context("redriven", report.redriven.len().to_string())
-        })?;
-        Ok(report)
     }
 }
 

@@ -13,28 +13,28 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures::FutureExt;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
+use surety_core::raw::{ConsumePath, Settle};
 use surety_core::{
-    Delivery, Disposition, Error, ErrorKind, HandlerError, HandlerFailure, Message, Result,
-    RetryPolicy, SubscriptionHandle, dead_letter_message, decide,
+    Delivery, Error, ErrorKind, Handler, HandlerError, Message, Outcome, Result, RetryPolicy,
+    Subscription, SubscriptionHandle,
 };
 use tokio::sync::watch;
 
 use crate::ADAPTER;
-use crate::broker::{Inner, KafkaBroker, validate_topic};
+use crate::KafkaBroker;
 use crate::codec::decode;
 use crate::config::create;
 use crate::error::{TxnClass, classify, delivery_error, transaction_error};
+use crate::shared::{Inner, dead_letter_topic, validate_topic};
 use crate::transaction::transactional_producer;
 
 /// Turns one input delivery into the messages to write, inside the transaction.
@@ -91,7 +91,7 @@ pub struct ExactlyOnce {
     pub retry: RetryPolicy,
     /// Most inputs per transaction.
     pub max_batch: usize,
-    /// Where exhausted inputs go; default [`KafkaBroker::dead_letter_topic`].
+    /// Where exhausted inputs go; default [`crate::KafkaBroker::dead_letter_topic`].
     pub dead_letter: Option<String>,
 }
 
@@ -177,12 +177,17 @@ impl KafkaBroker {
         let dead_letter = spec
             .dead_letter
             .clone()
-            .unwrap_or_else(|| KafkaBroker::dead_letter_topic(&spec.source, &spec.group));
+            .unwrap_or_else(|| dead_letter_topic(&spec.source, &spec.group));
+        let path = ConsumePath::new(
+            ADAPTER,
+            &Subscription::new(&spec.source, &spec.group).retry(spec.retry.clone()),
+            dead_letter,
+        );
         let worker = Worker {
             inner: self.inner.clone(),
             spec,
             transactional_id,
-            dead_letter,
+            path,
             processor,
             consumer,
             producer,
@@ -231,7 +236,7 @@ struct Worker {
     inner: Arc<Inner>,
     spec: ExactlyOnce,
     transactional_id: String,
-    dead_letter: String,
+    path: ConsumePath,
     processor: Arc<dyn Processor>,
     consumer: BaseConsumer<EosCtx>,
     producer: Arc<FutureProducer>,
@@ -403,38 +408,8 @@ impl Worker {
     fn fill(&self, batch: &[OwnedMessage]) -> Result<()> {
         for record in batch {
             let decoded = decode(record);
-            let mut attempt = 0;
-            let outputs = loop {
-                attempt += 1;
-                if self.crashed() {
-                    return Ok(());
-                }
-                let delivery = Delivery {
-                    message: decoded.message.clone(),
-                    attempt,
-                    group: self.spec.group.clone(),
-                };
-                let result = self
-                    .runtime
-                    .block_on(AssertUnwindSafe(self.processor.process(&delivery)).catch_unwind());
-                let failure = match result {
-                    Ok(Ok(outputs)) => break outputs,
-                    Ok(Err(e)) => HandlerFailure::Error(e.to_string()),
-                    Err(_) => HandlerFailure::Panic("processor panicked".to_owned()),
-                };
-                match decide(&Err(failure), attempt, &self.spec.retry) {
-                    Disposition::Redeliver { after, .. } => std::thread::sleep(after),
-                    Disposition::DeadLetter { reason, attempts } => {
-                        break vec![dead_letter_message(
-                            &decoded.message,
-                            &self.dead_letter,
-                            &self.spec.group,
-                            &reason,
-                            attempts,
-                        )];
-                    }
-                    Disposition::Ack => break Vec::new(),
-                }
+            let Some(outputs) = self.runtime.block_on(self.outputs_of(&decoded.message)) else {
+                return Ok(()); // crashed: nothing more is written
             };
             for out in outputs {
                 out.validate(Some(self.inner.config.max_message_size))?;
@@ -446,5 +421,90 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// The outputs of one input, through the shared consume path: the processor's, or
+    /// the input's dead letter once its retries (in place) are used up. `None` if the
+    /// worker crashed meanwhile.
+    async fn outputs_of(&self, message: &Message) -> Option<Vec<Message>> {
+        let handler = Outputs {
+            processor: self.processor.as_ref(),
+            produced: Mutex::new(Vec::new()),
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            if self.crashed() {
+                return None;
+            }
+            let delivery = Delivery {
+                message: message.clone(),
+                attempt,
+                group: self.spec.group.clone(),
+            };
+            let mut settle = InTransaction {
+                handler: &handler,
+                outputs: None,
+                again: false,
+            };
+            self.path.deliver(delivery, &handler, &mut settle).await;
+            if !settle.again {
+                return Some(settle.outputs.unwrap_or_default());
+            }
+        }
+    }
+}
+
+/// The processor as a handler: a success keeps its outputs for the transaction.
+struct Outputs<'a> {
+    processor: &'a dyn Processor,
+    produced: Mutex<Vec<Message>>,
+}
+
+#[async_trait]
+impl Handler for Outputs<'_> {
+    async fn handle(&self, delivery: &Delivery) -> std::result::Result<Outcome, HandlerError> {
+        let outputs = self.processor.process(delivery).await?;
+        *self.produced.lock().unwrap_or_else(|e| e.into_inner()) = outputs;
+        Ok(Outcome::Ack)
+    }
+}
+
+/// Settling an input inside the open transaction: its outputs (or its dead letter) are
+/// written with the offsets; a retry runs in place on this thread.
+struct InTransaction<'a, 'b> {
+    handler: &'a Outputs<'b>,
+    outputs: Option<Vec<Message>>,
+    again: bool,
+}
+
+#[async_trait]
+impl Settle for InTransaction<'_, '_> {
+    async fn ack(&mut self) -> Result<()> {
+        if self.outputs.is_none() {
+            let produced = &self.handler.produced;
+            self.outputs = Some(std::mem::take(
+                &mut *produced.lock().unwrap_or_else(|e| e.into_inner()),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn redeliver(&mut self, after: Duration, _next_attempt: u32) -> Result<()> {
+        // This runs on the worker's own blocking thread (inside `block_on`), which holds
+        // the transaction open: waiting here is the retry in place.
+        std::thread::sleep(after);
+        self.again = true;
+        Ok(())
+    }
+
+    async fn dead_letter(&mut self, dead_letter: &Message) -> Result<()> {
+        // Written in the same transaction as the input's offset.
+        self.outputs = Some(vec![dead_letter.clone()]);
+        Ok(())
+    }
+
+    async fn hold(&mut self, after: Duration, next_attempt: u32) {
+        let _ = self.redeliver(after, next_attempt).await;
     }
 }

@@ -93,6 +93,8 @@ mod consumer;
 mod dead_letters;
 pub mod eos;
 mod error;
+mod publisher;
+mod shared;
 mod transaction;
 
 pub use broker::KafkaBroker;

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
-use surety_core::{BrokerTransaction, Error, ErrorKind, Message, Result, telemetry};
+use surety_core::{BrokerTransaction, Error, ErrorKind, Message, Result};
 
 use crate::ADAPTER;
-use crate::broker::{Inner, blocking, record_of};
 use crate::config::create;
 use crate::error::{TxnClass, classify, delivery_error, transaction_error};
+use crate::publisher::record_of;
+use crate::shared::{Inner, blocking};
 
 /// Idle transactional producers, each with its own `transactional.id` and
 /// `init_transactions` already done (that call costs a broker round trip or more).
@@ -105,6 +106,8 @@ impl KafkaTransaction {
     /// transaction must then be aborted); every report is recorded in the metrics.
     async fn read_reports(&mut self) -> Result<()> {
         let unread = std::mem::take(&mut self.unread);
+        let path = self.inner.publish_path();
+        let path = &path;
         let reports = futures::future::join_all(unread.into_iter().map(|u| async move {
             let outcome = match u.report.await {
                 Ok(Ok(_delivery)) => Ok(()),
@@ -116,8 +119,7 @@ impl KafkaTransaction {
                 )
                 .with_context("adapter", ADAPTER)),
             };
-            telemetry::record_publish_since(
-                ADAPTER,
+            path.record(
                 &u.destination,
                 outcome.as_ref().map(|_| ()).map_err(Error::kind),
                 u.started,
@@ -248,8 +250,7 @@ impl BrokerTransaction for KafkaTransaction {
                 Err((e, _)) => {
                     let error = delivery_error(&e, message.destination())
                         .with_context("message_id", message.id().as_str());
-                    telemetry::record_publish_since(
-                        ADAPTER,
+                    self.inner.publish_path().record(
                         message.destination(),
                         Err(error.kind()),
                         started,

@@ -1,26 +1,26 @@
-//! Consumers: workers that take entries from a group's queue and settle them after the
-//! handler.
+//! Consumers: workers that take entries from a group's queue, hand them to the shared
+//! consume path, and settle them in the queue as it decides.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use surety_core::raw::{ConsumePath, PublishPath, Settle};
 use surety_core::{
-    Delivery, Disposition, Handler, Result, Subscriber, Subscription, SubscriptionHandle,
-    dead_letter_message, decide, run_handler, telemetry,
+    Delivery, Handler, Message, Result, Subscriber, Subscription, SubscriptionHandle,
 };
 use tokio::sync::watch;
-use tracing::Instrument;
 
-use crate::broker::{ADAPTER, Entry, Shared, dead_letter_name, take_next};
+use crate::shared::{Entry, Shared, dead_letter_name, take_next};
 
 pub(crate) struct MemorySubscriber {
     shared: Arc<Shared>,
+    publish: PublishPath,
 }
 
 impl MemorySubscriber {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        MemorySubscriber { shared }
+    pub(crate) fn new(shared: Arc<Shared>, publish: PublishPath) -> Self {
+        MemorySubscriber { shared, publish }
     }
 }
 
@@ -40,16 +40,19 @@ impl Subscriber for MemorySubscriber {
             |_| (),
         )?;
         let (stop, stop_rx) = SubscriptionHandle::stop_signal();
-        let subscription = Arc::new(subscription);
-        let tasks = (0..subscription.concurrency.max(1))
-            .map(|_| {
-                let worker = Worker {
-                    shared: self.shared.clone(),
-                    subscription: subscription.clone(),
-                    handler: handler.clone(),
-                };
-                tokio::spawn(worker.run(stop_rx.clone()))
-            })
+        let dead_letter = subscription
+            .dead_letter
+            .clone()
+            .unwrap_or_else(|| dead_letter_name(&subscription.destination, &subscription.group));
+        let worker = Arc::new(Worker {
+            shared: self.shared.clone(),
+            path: ConsumePath::new(crate::ADAPTER, &subscription, dead_letter),
+            publish: self.publish.clone(),
+            handler,
+            subscription,
+        });
+        let tasks = (0..worker.subscription.concurrency.max(1))
+            .map(|_| tokio::spawn(worker.clone().run(stop_rx.clone())))
             .collect();
         Ok(SubscriptionHandle::new(stop, tasks))
     }
@@ -57,37 +60,14 @@ impl Subscriber for MemorySubscriber {
 
 struct Worker {
     shared: Arc<Shared>,
-    subscription: Arc<Subscription>,
+    subscription: Subscription,
+    path: ConsumePath,
+    publish: PublishPath,
     handler: Arc<dyn Handler>,
 }
 
-/// Puts an in-flight entry back in the queue if its worker dies before settling it
-/// (an aborted task), as a broker does when a consumer's connection drops.
-struct InFlight<'a> {
-    worker: &'a Worker,
-    seq: u64,
-    settled: bool,
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if self.settled {
-            return;
-        }
-        let sub = &self.worker.subscription;
-        let mut state = self.worker.shared.lock();
-        let _ = Shared::with_group(&mut state, &sub.destination, &sub.group, |g| {
-            if let Some(entry) = g.in_flight.remove(&self.seq) {
-                g.queue.push_front(entry);
-            }
-        });
-        drop(state);
-        self.worker.shared.wake();
-    }
-}
-
 impl Worker {
-    async fn run(self, mut stop: watch::Receiver<bool>) {
+    async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut changed = self.shared.changed.subscribe();
         loop {
             if *stop.borrow() {
@@ -120,8 +100,7 @@ impl Worker {
     }
 
     async fn process(&self, entry: Entry) {
-        let sub = &self.subscription;
-        let mut guard = InFlight {
+        let mut settle = InFlight {
             worker: self,
             seq: entry.seq,
             settled: false,
@@ -129,61 +108,25 @@ impl Worker {
         let delivery = Delivery {
             message: entry.message,
             attempt: entry.attempt,
-            group: sub.group.clone(),
+            group: self.subscription.group.clone(),
         };
-        let span = tracing::info_span!(
-            "surety.consume",
-            message_id = %delivery.message.id(),
-            destination = %sub.destination,
-            group = %sub.group,
-            attempt = delivery.attempt,
-        );
-        metrics_delivered(&sub.group);
-        let result = run_handler(self.handler.as_ref(), &delivery)
-            .instrument(span)
+        self.path
+            .deliver(delivery, self.handler.as_ref(), &mut settle)
             .await;
-        let mut disposition = decide(&result, delivery.attempt, &sub.retry);
-        if let Disposition::DeadLetter { reason, attempts } = &disposition
-            && let Err(e) = self.dead_letter(&delivery, reason, *attempts)
-        {
-            // Neither lost nor hot-looped: the message stays and comes back after the
-            // longest backoff, still counting attempts.
-            tracing::error!(
-                message_id = %delivery.message.id(),
-                error = %e,
-                "dead-letter destination unavailable; message kept for a later attempt"
-            );
-            metrics::counter!(telemetry::DEAD_LETTER_FAILED, "adapter" => ADAPTER).increment(1);
-            disposition = Disposition::Redeliver {
-                after: sub.retry.max_backoff,
-                next_attempt: delivery.attempt + 1,
-            };
-        }
-        telemetry::record_settled(ADAPTER, &sub.group, &disposition);
-        self.settle(entry.seq, &disposition);
-        guard.settled = true;
         self.shared.wake();
     }
 
-    fn dead_letter(&self, delivery: &Delivery, reason: &str, attempts: u32) -> Result<()> {
-        let sub = &self.subscription;
-        let target = sub
-            .dead_letter
-            .clone()
-            .unwrap_or_else(|| dead_letter_name(&sub.destination, &sub.group));
-        let message = dead_letter_message(&delivery.message, &target, &sub.group, reason, attempts);
-        self.shared.publish(&message).map(|_| ())
-    }
-
-    fn settle(&self, seq: u64, disposition: &Disposition) {
+    /// Takes the in-flight entry `seq` out, and puts it back (due after `after`) when
+    /// `requeue` says so.
+    fn finish(&self, seq: u64, requeue: Option<Duration>) {
         let sub = &self.subscription;
         let mut state = self.shared.lock();
         let _ = Shared::with_group(&mut state, &sub.destination, &sub.group, |g| {
             let Some(mut entry) = g.in_flight.remove(&seq) else {
                 return;
             };
-            if let Disposition::Redeliver { after, .. } = disposition {
-                entry.not_before = Some(Instant::now() + *after);
+            if let Some(after) = requeue {
+                entry.not_before = Some(Instant::now() + after);
                 if sub.ordered {
                     // Holds back later messages with the same key.
                     g.queue.push_front(entry);
@@ -195,7 +138,61 @@ impl Worker {
     }
 }
 
-fn metrics_delivered(group: &str) {
-    metrics::counter!(telemetry::DELIVERED, "adapter" => ADAPTER, "group" => group.to_owned())
-        .increment(1);
+/// One in-flight entry. Settling takes it out of the group's in-flight set; dropped
+/// unsettled (an aborted worker) it goes back to the front of the queue, as a broker
+/// requeues a dead consumer's unacknowledged messages.
+struct InFlight<'a> {
+    worker: &'a Worker,
+    seq: u64,
+    settled: bool,
+}
+
+#[async_trait]
+impl Settle for InFlight<'_> {
+    async fn ack(&mut self) -> Result<()> {
+        self.worker.finish(self.seq, None);
+        self.settled = true;
+        Ok(())
+    }
+
+    async fn redeliver(&mut self, after: Duration, _next_attempt: u32) -> Result<()> {
+        // The broker counts attempts itself: the entry's count grows at each take.
+        self.worker.finish(self.seq, Some(after));
+        self.settled = true;
+        Ok(())
+    }
+
+    async fn dead_letter(&mut self, dead_letter: &Message) -> Result<()> {
+        let shared = &self.worker.shared;
+        self.worker
+            .publish
+            .run(dead_letter, dead_letter.destination(), || async {
+                let receipt = Shared::publish_locked(&mut shared.lock(), dead_letter)?;
+                shared.wake();
+                Ok(receipt)
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn hold(&mut self, after: Duration, next_attempt: u32) {
+        let _ = self.redeliver(after, next_attempt).await;
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let sub = &self.worker.subscription;
+        let mut state = self.worker.shared.lock();
+        let _ = Shared::with_group(&mut state, &sub.destination, &sub.group, |g| {
+            if let Some(entry) = g.in_flight.remove(&self.seq) {
+                g.queue.push_front(entry);
+            }
+        });
+        drop(state);
+        self.worker.shared.wake();
+    }
 }

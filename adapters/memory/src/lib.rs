@@ -34,7 +34,14 @@
 #![deny(missing_docs)]
 
 mod broker;
+mod config;
 mod consumer;
+mod dead_letters;
+mod publisher;
+mod shared;
 mod transaction;
 
-pub use broker::{MemoryBroker, MemoryConfig};
+pub use broker::MemoryBroker;
+pub use config::MemoryConfig;
+
+const ADAPTER: &str = "memory";

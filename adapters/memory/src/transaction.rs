@@ -9,12 +9,14 @@ use surety_core::{
     Result, TransactionalPublisher, TxOutcome, TxState, run_check_back, run_local_transaction,
     telemetry,
 };
-use tracing::Instrument;
 
-use crate::broker::{ADAPTER, HalfMessage, Shared};
+use crate::ADAPTER;
+use crate::shared::{HalfMessage, Shared};
 
 pub(crate) struct MemoryTransactionalPublisher {
     shared: Arc<Shared>,
+    /// The broker's confirmed publisher, for plain publishes.
+    publisher: Arc<dyn Publisher>,
     group: String,
     registration: u64,
 }
@@ -23,6 +25,7 @@ impl MemoryTransactionalPublisher {
     /// Registers `check_back` for `group` and makes sure the checker runs.
     pub(crate) fn register(
         shared: Arc<Shared>,
+        publisher: Arc<dyn Publisher>,
         group: &str,
         check_back: Arc<dyn CheckBack>,
     ) -> Self {
@@ -40,6 +43,7 @@ impl MemoryTransactionalPublisher {
         drop(state);
         MemoryTransactionalPublisher {
             shared,
+            publisher,
             group: group.to_owned(),
             registration,
         }
@@ -75,7 +79,7 @@ impl Drop for LocalRunning<'_> {
 #[async_trait]
 impl Publisher for MemoryTransactionalPublisher {
     async fn publish(&self, message: &Message) -> Result<Receipt> {
-        self.shared.publish(message)
+        self.publisher.publish(message).await
     }
 }
 
@@ -111,8 +115,7 @@ impl TransactionalPublisher for MemoryTransactionalPublisher {
             shared: &self.shared,
             id: id.clone(),
         };
-        let span = tracing::info_span!(telemetry::SPAN_LOCAL_TRANSACTION, message_id = %id);
-        let state = run_local_transaction(message, local).instrument(span).await;
+        let state = run_local_transaction(message, local).await;
         drop(running);
         let mut guard = self.shared.lock();
         let outcome = match state {

@@ -3,24 +3,19 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use surety_core::raw::{DeadLetterQueue, Publish};
 use surety_core::{
-    Broker, BrokerTransaction, Capabilities, Capability, DeadLetters, Publisher, Result,
-    Subscriber, Topology,
+    Broker, BrokerTransaction, Capabilities, DeadLetters, Publisher, Result, Subscriber, Topology,
 };
 
 use crate::ADAPTER;
 use crate::config::RabbitConfig;
-use crate::connection::Connector;
 use crate::consumer::RabbitSubscriber;
-use crate::dead_letters::RabbitDeadLetters;
-use crate::publisher::RabbitPublisher;
-use crate::topology::{self, Declarer};
+use crate::dead_letters::RabbitDeadLetterLog;
+use crate::publisher::RabbitSender;
+use crate::shared::Connector;
+use crate::topology::{self, DEAD_LETTER_GROUP, Declarer};
 use crate::transaction::RabbitTransaction;
-
-/// The consumer group whose queue every declared dead-letter destination gets, so that
-/// dead letters are kept until read: `Subscription::new(dead_letter_destination,
-/// DEAD_LETTER_GROUP)` reads them all, including those from before it subscribed.
-pub const DEAD_LETTER_GROUP: &str = "dead-letters";
 
 /// RabbitMQ through lapin. Cheap to clone: clones share one connection supervisor.
 #[derive(Clone)]
@@ -48,6 +43,13 @@ impl RabbitBroker {
     pub fn config(&self) -> &RabbitConfig {
         self.connector.config()
     }
+
+    fn confirmed_publisher(&self) -> Arc<dyn Publisher> {
+        Arc::new(Publish::new(
+            self.connector.publish_path(),
+            RabbitSender::new(self.connector.clone()),
+        ))
+    }
 }
 
 #[async_trait]
@@ -57,12 +59,7 @@ impl Broker for RabbitBroker {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::none()
-            .with(Capability::OnewayPublish)
-            .with(Capability::BrokerTransactions)
-            .with(Capability::DelayedRetry)
-            .with(Capability::DeadLetter)
-            .with_max_message_size(self.connector.config().max_message_size)
+        self.connector.capabilities()
     }
 
     async fn declare(&self, t: &Topology) -> Result<()> {
@@ -103,7 +100,7 @@ impl Broker for RabbitBroker {
     }
 
     async fn publisher(&self) -> Result<Arc<dyn Publisher>> {
-        Ok(Arc::new(RabbitPublisher::new(self.connector.clone())))
+        Ok(self.confirmed_publisher())
     }
 
     async fn begin_transaction(&self) -> Result<Box<dyn BrokerTransaction>> {
@@ -123,6 +120,9 @@ impl Broker for RabbitBroker {
     /// The group's dead-letter queue, read with `basic.get` and manual acks (see the
     /// crate docs for what a listing does to the queue).
     async fn dead_letters(&self) -> Result<Arc<dyn DeadLetters>> {
-        Ok(Arc::new(RabbitDeadLetters::new(self.connector.clone())))
+        Ok(Arc::new(DeadLetterQueue::new(
+            Arc::new(RabbitDeadLetterLog::new(self.connector.clone())),
+            self.confirmed_publisher(),
+        )))
     }
 }

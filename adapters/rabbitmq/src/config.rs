@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use surety_core::{Error, ErrorKind, Result};
+use surety_core::{Error, ErrorKind, Result, RetryPolicy};
 
 /// The queue type of a consumer group's queue (and of the dead-letter holding queues).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +72,9 @@ pub struct RabbitConfig {
     pub delay_queue_idle: Duration,
     /// The connection name shown in the management UI.
     pub connection_name: String,
+    /// Retries of a publish that failed with a retryable error (same message id), off by
+    /// default: the caller sees every failure.
+    pub publish_retry: Option<RetryPolicy>,
 }
 
 impl RabbitConfig {
@@ -90,6 +93,7 @@ impl RabbitConfig {
             heartbeat: 10,
             delay_queue_idle: Duration::from_secs(600),
             connection_name: "surety".into(),
+            publish_retry: None,
         }
     }
 
@@ -158,6 +162,7 @@ impl fmt::Debug for RabbitConfig {
             .field("max_message_size", &self.max_message_size)
             .field("confirm_timeout", &self.confirm_timeout)
             .field("router_exchange", &self.router_exchange)
+            .field("publish_retry", &self.publish_retry)
             .finish_non_exhaustive()
     }
 }

@@ -14,19 +14,19 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
+use surety_core::raw::{ConsumePath, PublishPath, Settle};
 use surety_core::{
-    Delivery, Disposition, Error, ErrorKind, Handler, Result, Subscriber, Subscription,
-    SubscriptionHandle, decide, headers, run_handler, telemetry,
+    Capability, Delivery, Error, ErrorKind, Handler, Message, Result, Subscriber, Subscription,
+    SubscriptionHandle, headers,
 };
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::Instrument;
 
 use crate::ADAPTER;
 use crate::codec;
-use crate::connection::{ConfirmChannel, Connector, record_reconnect};
 use crate::error;
 use crate::publisher::publish_confirmed;
+use crate::shared::{ConfirmChannel, Connector, record_reconnect};
 use crate::topology::{self, Declarer};
 
 pub(crate) struct RabbitSubscriber {
@@ -49,8 +49,11 @@ impl Subscriber for RabbitSubscriber {
         if subscription.ordered {
             // A retry goes through a delay queue and comes back behind later messages;
             // keeping per-key order would need single-active-consumer queues per key
-            // hash and in-place retries. Not offered rather than silently unordered.
-            return Err(Error::unsupported(ADAPTER, "ordering per key"));
+            // hash and in-place retries. Not offered rather than silently unordered (the
+            // capability layer refuses it first; this guards direct use of the adapter).
+            self.connector
+                .capabilities()
+                .require(ADAPTER, Capability::OrderingPerKey)?;
         }
         topology::check_destination(&subscription.destination)?;
         topology::validate_group(&subscription.group)?;
@@ -69,7 +72,12 @@ impl Subscriber for RabbitSubscriber {
         let _ = channel.close(200, "OK".into()).await;
 
         let (stop, stop_rx) = SubscriptionHandle::stop_signal();
+        let dead_letter = subscription.dead_letter.clone().unwrap_or_else(|| {
+            topology::dead_letter_name(&subscription.destination, &subscription.group)
+        });
         let consumer = Arc::new(Consumer {
+            path: ConsumePath::new(ADAPTER, &subscription, dead_letter),
+            publish: self.connector.publish_path(),
             connector: self.connector.clone(),
             republisher: ConfirmChannel::new(self.connector.clone(), "consumer publish channel"),
             delay_queues: Mutex::new(HashMap::new()),
@@ -83,6 +91,9 @@ impl Subscriber for RabbitSubscriber {
 }
 
 struct Consumer {
+    path: ConsumePath,
+    /// The publish path of the retry copies and dead letters.
+    publish: PublishPath,
     connector: Arc<Connector>,
     /// Confirmed publishes of retries and dead letters.
     republisher: ConfirmChannel,
@@ -253,105 +264,34 @@ impl Consumer {
             attempt,
             group: sub.group.clone(),
         };
-        metrics::counter!(telemetry::DELIVERED, "adapter" => ADAPTER, "group" => sub.group.clone())
-            .increment(1);
-        let disposition = if amqp.redelivered && attempt > sub.retry.max_attempts {
+        let mut settle = RabbitSettle {
+            consumer: self,
+            amqp: &amqp,
+            message: delivery.message.clone(),
+        };
+        if amqp.redelivered && attempt > sub.retry.max_attempts {
             // Delivered again and again without ever being settled: the consumer died on
             // it each time. Do not let it crash the next one too.
-            Disposition::DeadLetter {
-                reason: format!(
-                    "delivered {} times without being settled (the consumer crashed or lost its connection each time)",
-                    attempt - 1
-                ),
-                attempts: attempt - 1,
-            }
-        } else {
-            let span = tracing::info_span!(
-                "surety.consume",
-                message_id = %delivery.message.id(),
-                destination = %sub.destination,
-                group = %sub.group,
-                attempt,
+            let reason = format!(
+                "delivered {} times without being settled (the consumer crashed or lost its connection each time)",
+                attempt - 1
             );
-            let result = run_handler(self.handler.as_ref(), &delivery)
-                .instrument(span)
+            self.path
+                .give_up(&delivery.message, attempt - 1, reason, &mut settle)
                 .await;
-            decide(&result, attempt, &sub.retry)
-        };
-        let settled = self.settle(&amqp, &delivery, disposition).await;
-        telemetry::record_settled(ADAPTER, &sub.group, &settled);
-    }
-
-    /// Carries out a disposition; returns what was actually done.
-    async fn settle(
-        &self,
-        amqp: &AmqpDelivery,
-        delivery: &Delivery,
-        disposition: Disposition,
-    ) -> Disposition {
-        let sub = &self.subscription;
-        let id = delivery.message.id();
-        match disposition {
-            Disposition::Ack => {
-                ack(amqp).await;
-                Disposition::Ack
-            }
-            Disposition::Redeliver {
-                after,
-                next_attempt,
-            } => {
-                match self.requeue_later(amqp, after, next_attempt - 1).await {
-                    Ok(()) => ack(amqp).await,
-                    Err(e) => {
-                        tracing::warn!(message_id = %id, error = %e, "cannot schedule the retry; the message stays unacked");
-                        self.hold_then_requeue(amqp, after).await;
-                    }
-                }
-                Disposition::Redeliver {
-                    after,
-                    next_attempt,
-                }
-            }
-            Disposition::DeadLetter { reason, attempts } => {
-                match self.dead_letter(amqp, &reason, attempts).await {
-                    Ok(()) => {
-                        ack(amqp).await;
-                        Disposition::DeadLetter { reason, attempts }
-                    }
-                    Err(e) => {
-                        // Neither lost nor hot-looped: kept in the group's delay queue and
-                        // back after the longest backoff, attempts still counting; the
-                        // original is acked only once that copy is confirmed.
-                        tracing::error!(
-                            message_id = %id,
-                            error = %e,
-                            "dead-letter destination unavailable; message kept for a later attempt"
-                        );
-                        metrics::counter!(telemetry::DEAD_LETTER_FAILED, "adapter" => ADAPTER)
-                            .increment(1);
-                        let after = sub.retry.max_backoff;
-                        match self.requeue_later(amqp, after, attempts).await {
-                            Ok(()) => ack(amqp).await,
-                            Err(e) => {
-                                tracing::warn!(message_id = %id, error = %e, "cannot keep the message in a delay queue either; it stays unacked");
-                                self.hold_then_requeue(amqp, after).await;
-                            }
-                        }
-                        Disposition::Redeliver {
-                            after,
-                            next_attempt: attempts + 1,
-                        }
-                    }
-                }
-            }
+        } else {
+            self.path
+                .deliver(delivery, self.handler.as_ref(), &mut settle)
+                .await;
         }
     }
 
-    /// Publishes a copy that comes back to the group's queue after `after`, carrying
-    /// `delivered` (deliveries so far) in the attempt header.
+    /// Publishes a copy of `message` that comes back to the group's queue after `after`,
+    /// carrying `delivered` (deliveries so far) in the attempt header.
     async fn requeue_later(
         &self,
         amqp: &AmqpDelivery,
+        message: &Message,
         after: Duration,
         delivered: u32,
     ) -> Result<()> {
@@ -359,15 +299,27 @@ impl Consumer {
             codec::set(t, headers::ATTEMPT, &delivered.to_string())
         });
         let bucket = topology::delay_bucket(after);
-        if bucket.is_zero() {
-            return publish_confirmed(&self.republisher, "", &self.queue, properties, &amqp.data)
-                .await;
-        }
-        let queue = self.delay_queue(bucket).await?;
-        let result = publish_confirmed(&self.republisher, "", &queue, properties, &amqp.data).await;
-        if result
-            .as_ref()
-            .is_err_and(|e| e.kind() == ErrorKind::Unroutable)
+        let queue = if bucket.is_zero() {
+            self.queue.clone()
+        } else {
+            self.delay_queue(bucket).await?
+        };
+        let result = self
+            .publish
+            .run(message, &queue, || {
+                publish_confirmed(
+                    &self.republisher,
+                    "",
+                    &queue,
+                    properties.clone(),
+                    &amqp.data,
+                )
+            })
+            .await;
+        if !bucket.is_zero()
+            && result
+                .as_ref()
+                .is_err_and(|e| e.kind() == ErrorKind::Unroutable)
         {
             // The delay queue is gone (deleted by hand, or expired): declare it again next time.
             self.lock_delay_queues().remove(&bucket);
@@ -401,22 +353,28 @@ impl Consumer {
         Ok(name)
     }
 
-    /// Publishes the dead letter, confirmed, through the router.
-    async fn dead_letter(&self, amqp: &AmqpDelivery, reason: &str, attempts: u32) -> Result<()> {
-        let sub = &self.subscription;
-        let target = sub
-            .dead_letter
-            .clone()
-            .unwrap_or_else(|| topology::dead_letter_name(&sub.destination, &sub.group));
+    /// Publishes `dead` (built by the consume path), confirmed, through the router. The
+    /// original AMQP properties are kept (a foreign producer's content type, reply-to...),
+    /// the delivery counts dropped, and the dead letter's headers written over them.
+    async fn dead_letter(&self, amqp: &AmqpDelivery, dead: &Message) -> Result<()> {
         let properties = codec::republish_properties(&amqp.properties, |t| {
             *t = codec::reset_counts(t);
-            codec::set(t, headers::DEAD_LETTER_REASON, &sanitize(reason));
-            codec::set(t, headers::DEAD_LETTER_ATTEMPTS, &attempts.to_string());
-            codec::set(t, headers::ORIGINAL_DESTINATION, &sub.destination);
-            codec::set(t, headers::CONSUMER_GROUP, &sub.group);
+            for (name, value) in dead.headers() {
+                codec::set(t, name, value);
+            }
         });
         let router = &self.connector.config().router_exchange;
-        publish_confirmed(&self.republisher, router, &target, properties, &amqp.data).await
+        self.publish
+            .run(dead, dead.destination(), || {
+                publish_confirmed(
+                    &self.republisher,
+                    router,
+                    dead.destination(),
+                    properties.clone(),
+                    &amqp.data,
+                )
+            })
+            .await
     }
 
     /// Last resort when nothing could be published: keep the message unacked for a while
@@ -436,20 +394,45 @@ impl Consumer {
     }
 }
 
-async fn ack(amqp: &AmqpDelivery) {
+async fn ack(amqp: &AmqpDelivery) -> Result<()> {
     match amqp.acker.ack(BasicAckOptions::default()).await {
-        Ok(true) => {}
-        Ok(false) | Err(_) => tracing::warn!(
-            adapter = ADAPTER,
-            "ack failed (channel gone); the broker will deliver the message again"
-        ),
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Error::new(ErrorKind::Unavailable, "the channel is gone")
+            .with_context("adapter", ADAPTER)),
+        Err(e) => Err(error::unavailable("ack", e)),
     }
 }
 
-/// Header values carry no control characters; handler errors may.
-fn sanitize(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(1024)
-        .collect()
+/// One delivery being settled on its channel.
+struct RabbitSettle<'a> {
+    consumer: &'a Consumer,
+    amqp: &'a AmqpDelivery,
+    message: Message,
+}
+
+#[async_trait]
+impl Settle for RabbitSettle<'_> {
+    async fn ack(&mut self) -> Result<()> {
+        ack(self.amqp).await
+    }
+
+    /// A copy in the group's delay queue, confirmed, then the ack: a crash in between
+    /// duplicates, never loses.
+    async fn redeliver(&mut self, after: Duration, next_attempt: u32) -> Result<()> {
+        self.consumer
+            .requeue_later(self.amqp, &self.message, after, next_attempt - 1)
+            .await?;
+        if let Err(e) = ack(self.amqp).await {
+            tracing::warn!(adapter = ADAPTER, error = %e, "ack after scheduling a retry failed; the broker delivers the original again");
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(&mut self, dead_letter: &Message) -> Result<()> {
+        self.consumer.dead_letter(self.amqp, dead_letter).await
+    }
+
+    async fn hold(&mut self, after: Duration, _next_attempt: u32) {
+        self.consumer.hold_then_requeue(self.amqp, after).await;
+    }
 }

@@ -113,16 +113,17 @@ mod broker;
 mod codec;
 mod config;
 mod confirms;
-mod connection;
 mod consumer;
 mod dead_letters;
 mod error;
 mod publisher;
+mod shared;
 mod topology;
 mod transaction;
 
-pub use broker::{DEAD_LETTER_GROUP, RabbitBroker};
+pub use broker::RabbitBroker;
 pub use codec::KEY_HEADER;
 pub use config::{QueueType, RabbitConfig};
+pub use topology::DEAD_LETTER_GROUP;
 
 pub(crate) const ADAPTER: &str = "rabbitmq";

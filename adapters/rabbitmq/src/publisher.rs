@@ -1,20 +1,19 @@
 //! Send with confirm: a confirm-mode channel, every publish `mandatory`, many in flight.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use async_trait::async_trait;
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
-use surety_core::{Error, ErrorKind, Message, Publisher, Receipt, Result, telemetry};
+use surety_core::raw::Sender;
+use surety_core::{Error, ErrorKind, Message, Receipt, Result};
 use tokio::sync::oneshot;
-use tracing::Instrument;
 
 use crate::ADAPTER;
 use crate::codec;
 use crate::confirms::{ReturnKey, Verdict};
-use crate::connection::{ConfirmChannel, Connector};
 use crate::error;
+use crate::shared::{ConfirmChannel, Connector};
 
 const MANDATORY: BasicPublishOptions = BasicPublishOptions {
     mandatory: true,
@@ -128,59 +127,45 @@ pub(crate) async fn publish_confirmed(
     }
 }
 
-/// A publisher with confirms, on its own confirm channel (reopened after failures).
-pub(crate) struct RabbitPublisher {
+/// The adapter's send: one confirmed `mandatory` publish through the router, on a
+/// confirm channel of its own (reopened after failures). Validation, span, metrics and
+/// retries are the shared publish path's.
+pub(crate) struct RabbitSender {
     channel: ConfirmChannel,
 }
 
-impl RabbitPublisher {
+impl RabbitSender {
     pub(crate) fn new(connector: Arc<Connector>) -> Self {
-        RabbitPublisher {
+        RabbitSender {
             channel: ConfirmChannel::new(connector, "publisher channel"),
         }
     }
 
-    fn check(&self, message: &Message) -> Result<()> {
-        message.validate(Some(self.channel.connector().config().max_message_size))?;
+    /// RabbitMQ's own naming rules, on top of core's: a bad name is the caller's error.
+    fn check(message: &Message) -> Result<()> {
         crate::topology::check_destination(message.destination())
             .map_err(|e| Error::invalid(e.message().to_owned()).with_context("adapter", ADAPTER))
     }
 }
 
 #[async_trait]
-impl Publisher for RabbitPublisher {
-    async fn publish(&self, message: &Message) -> Result<Receipt> {
-        let start = Instant::now();
-        let span = tracing::debug_span!(
-            "surety.publish",
-            message_id = %message.id(),
-            destination = %message.destination()
-        );
-        let result = async {
-            self.check(message)?;
-            let router = &self.channel.connector().config().router_exchange;
-            publish_confirmed(
-                &self.channel,
-                router,
-                message.destination(),
-                codec::encode(message),
-                message.payload(),
-            )
-            .await
-        }
-        .instrument(span)
-        .await;
-        telemetry::record_publish_since(
-            ADAPTER,
+impl Sender for RabbitSender {
+    async fn send(&self, message: &Message) -> Result<Receipt> {
+        Self::check(message)?;
+        let router = &self.channel.connector().config().router_exchange;
+        publish_confirmed(
+            &self.channel,
+            router,
             message.destination(),
-            result.as_ref().map(|_| ()).map_err(Error::kind),
-            start,
-        );
-        result.map(|()| Receipt::for_message(message))
+            codec::encode(message),
+            message.payload(),
+        )
+        .await?;
+        Ok(Receipt::for_message(message))
     }
 
-    async fn publish_oneway(&self, message: &Message) -> Result<()> {
-        self.check(message)?;
+    async fn send_oneway(&self, message: &Message) -> Result<()> {
+        Self::check(message)?;
         let router = &self.channel.connector().config().router_exchange;
         let (ch, tracker) = self.channel.get().await?;
         let started = tracker.start();

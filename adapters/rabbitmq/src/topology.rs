@@ -22,6 +22,11 @@ pub(crate) fn group_queue(destination: &str, group: &str) -> String {
     format!("{destination}:{group}")
 }
 
+/// The consumer group whose queue every declared dead-letter destination gets, so that
+/// dead letters are kept until read: `Subscription::new(dead_letter_destination,
+/// DEAD_LETTER_GROUP)` reads them all, including those from before it subscribed.
+pub const DEAD_LETTER_GROUP: &str = "dead-letters";
+
 /// The dead-letter destination convention: `<destination>.<group>.dlq`.
 pub(crate) fn dead_letter_name(destination: &str, group: &str) -> String {
     format!("{destination}.{group}.dlq")

@@ -10,8 +10,8 @@ use surety_core::{BrokerTransaction, Error, ErrorKind, Message, Result};
 
 use crate::ADAPTER;
 use crate::codec;
-use crate::connection::Connector;
 use crate::error;
+use crate::shared::Connector;
 
 pub(crate) struct RabbitTransaction {
     channel: Channel,

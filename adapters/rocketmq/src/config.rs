@@ -29,9 +29,13 @@ pub struct RocketMqConfig {
     /// Timeout of one send, in the client (`sendMsgTimeout`).
     pub send_timeout: Duration,
     /// How often a publish is retried after a retryable failure (`NotDurable`,
-    /// `OutcomeUnknown`, `Unavailable`), and how long to wait between tries. The client's
-    /// own retries are switched off so that this is the only bound.
-    pub publish_retry: RetryPolicy,
+    /// `OutcomeUnknown`, `Unavailable`), and how long to wait between tries (same message
+    /// id). The client's own retries are switched off so that this is the only bound.
+    ///
+    /// Publish retries are off by default on every adapter but this one: here the
+    /// default is 3 attempts, because without them a send has no retry at all (the Java
+    /// client retries twice by default). `None` turns them off.
+    pub publish_retry: Option<RetryPolicy>,
     /// Read and write queues of topics created by `declare`.
     pub queues: u32,
     /// How long `declare` waits for a created topic to appear in the name server's routes.
@@ -52,8 +56,10 @@ impl RocketMqConfig {
             access_key: None,
             secret_key: None,
             send_timeout: Duration::from_secs(3),
-            publish_retry: RetryPolicy::with_max_attempts(3)
-                .backoff(Duration::from_millis(100), Duration::from_secs(1)),
+            publish_retry: Some(
+                RetryPolicy::with_max_attempts(3)
+                    .backoff(Duration::from_millis(100), Duration::from_secs(1)),
+            ),
             queues: 4,
             route_timeout: Duration::from_secs(10),
             max_message_size: BROKER_MAX_MESSAGE_SIZE - 64 * 1024,

@@ -35,18 +35,19 @@ use rocketmq_client_rust::{
 };
 use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
 use rocketmq_model::common::message::message_ext::MessageExt;
+use surety_core::raw::{ConsumePath, Settle};
 use surety_core::{
-    Delivery, Disposition, Error, ErrorKind, Handler, Message, Result, Subscriber, Subscription,
-    SubscriptionHandle, dead_letter_message, decide, headers, run_handler, telemetry,
+    Delivery, Error, ErrorKind, Handler, Message, Result, Subscriber, Subscription,
+    SubscriptionHandle, headers,
 };
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
-use tracing::Instrument;
 
 use crate::ADAPTER;
-use crate::broker::{RocketMqPublisher, Shared};
 use crate::codec::{self, DELAY_PROPERTY, DLQ_PREFIX, RETRY_PREFIX, RETRY_TOPIC_PROPERTY};
 use crate::error::admin_error;
+use crate::publisher::RocketMqPublisher;
+use crate::shared::Shared;
 
 /// How many broker-side reconsumes beyond the policy are allowed before the broker moves
 /// a message to `%DLQ%<group>` on its own. Surety dead-letters itself at `max_attempts`;
@@ -76,6 +77,7 @@ struct Runner {
     publisher: Arc<RocketMqPublisher>,
     handler: Arc<dyn Handler>,
     sub: Subscription,
+    path: ConsumePath,
     app: tokio::runtime::Handle,
     /// Set when the subscription stops: new deliveries are given back, not handled.
     stopped: AtomicBool,
@@ -114,82 +116,32 @@ impl Runner {
     }
 
     async fn process(&self, msg: &MessageExt, ordered: bool) -> Verdict {
-        let group = self.sub.group.clone();
-        let (message, attempt) = match codec::decode(msg) {
-            Ok(decoded) => decoded,
+        match codec::decode(msg) {
+            Ok((message, attempt)) => {
+                let mut settle = RocketSettle::new(self, &message, ordered);
+                let delivery = Delivery {
+                    message: message.clone(),
+                    attempt,
+                    group: self.sub.group.clone(),
+                };
+                self.path
+                    .deliver(delivery, self.handler.as_ref(), &mut settle)
+                    .await;
+                settle.verdict
+            }
             Err(e) => {
                 // Not a message Surety can hand to a handler: dead-letter it as it is.
                 let raw = Message::new(msg.topic().to_string(), msg.body().unwrap_or_default());
+                let mut settle = RocketSettle::new(self, &raw, ordered);
                 let reason = format!("undecodable message: {}", e.message());
-                return self.settle_dead_letter(&raw, &reason, 1, ordered).await;
-            }
-        };
-        let delivery = Delivery {
-            message,
-            attempt,
-            group: group.clone(),
-        };
-        telemetry::record_delivered(ADAPTER, &group);
-        let span = tracing::info_span!(
-            telemetry::SPAN_CONSUME,
-            message_id = %delivery.message.id(),
-            destination = %delivery.message.destination(),
-            group = %group,
-            attempt = delivery.attempt,
-        );
-        let result = run_handler(self.handler.as_ref(), &delivery)
-            .instrument(span)
-            .await;
-        let disposition = decide(&result, attempt, &self.sub.retry);
-        telemetry::record_settled(ADAPTER, &group, &disposition);
-        match disposition {
-            Disposition::Ack => Verdict::Success,
-            Disposition::Redeliver {
-                after,
-                next_attempt,
-            } => {
-                if ordered {
-                    Verdict::Later(after)
-                } else {
-                    self.requeue(&delivery.message, after, next_attempt).await
-                }
-            }
-            Disposition::DeadLetter { reason, attempts } => {
-                self.settle_dead_letter(&delivery.message, &reason, attempts, ordered)
-                    .await
-            }
-        }
-    }
-
-    async fn settle_dead_letter(
-        &self,
-        message: &Message,
-        reason: &str,
-        attempts: u32,
-        ordered: bool,
-    ) -> Verdict {
-        match self.dead_letter(message, reason, attempts).await {
-            Ok(()) => Verdict::Success,
-            Err(e) => {
-                metrics_dead_letter_failed(&self.sub.group);
-                tracing::warn!(
-                    message_id = %message.id(),
-                    error = %e,
-                    "dead letter failed; keeping the message and retrying after the longest backoff"
-                );
-                let after = self.sub.retry.max_backoff;
-                if ordered {
-                    Verdict::Later(after)
-                } else {
-                    self.requeue(message, after, attempts.saturating_add(1))
-                        .await
-                }
+                self.path.give_up(&raw, 1, reason, &mut settle).await;
+                settle.verdict
             }
         }
     }
 
     /// Sends a copy to the group's retry topic, delayed, carrying the next attempt number.
-    async fn requeue(&self, message: &Message, after: Duration, next_attempt: u32) -> Verdict {
+    async fn requeue(&self, message: &Message, after: Duration, next_attempt: u32) -> Result<()> {
         let retry_topic = format!("{RETRY_PREFIX}{}", self.sub.group);
         let mut extra = vec![
             (RETRY_TOPIC_PROPERTY, message.destination().to_owned()),
@@ -202,32 +154,8 @@ impl Runner {
         } else {
             extra.push((DELAY_PROPERTY, codec::delay_level(after).to_string()));
         }
-        match self
-            .publisher
-            .publish_to(message, &retry_topic, &extra)
-            .await
-        {
-            Ok(_) => Verdict::Success,
-            Err(e) => {
-                tracing::warn!(
-                    message_id = %message.id(),
-                    error = %e,
-                    "could not requeue for retry; leaving it to the broker's send-back"
-                );
-                Verdict::Later(after)
-            }
-        }
-    }
-
-    async fn dead_letter(&self, message: &Message, reason: &str, attempts: u32) -> Result<()> {
-        let target = self
-            .sub
-            .dead_letter
-            .clone()
-            .unwrap_or_else(|| format!("{DLQ_PREFIX}{}", self.sub.group));
-        let dead = dead_letter_message(message, &target, &self.sub.group, reason, attempts);
         self.publisher
-            .publish_to(&dead, &target, &[])
+            .publish_to(message, &retry_topic, &extra)
             .await
             .map(|_| ())
     }
@@ -239,12 +167,59 @@ impl Runner {
     }
 }
 
-fn metrics_dead_letter_failed(group: &str) {
-    tracing::debug!(
-        group,
-        metric = telemetry::DEAD_LETTER_FAILED,
-        "dead letter failed"
-    );
+/// One message being settled: what the listener will tell the client.
+struct RocketSettle<'a> {
+    runner: &'a Runner,
+    message: &'a Message,
+    ordered: bool,
+    verdict: Verdict,
+}
+
+impl<'a> RocketSettle<'a> {
+    fn new(runner: &'a Runner, message: &'a Message, ordered: bool) -> Self {
+        RocketSettle {
+            runner,
+            message,
+            ordered,
+            // Until settled, the message is the broker's to deliver again.
+            verdict: Verdict::Later(runner.sub.retry.max_backoff),
+        }
+    }
+}
+
+#[async_trait]
+impl Settle for RocketSettle<'_> {
+    async fn ack(&mut self) -> Result<()> {
+        self.verdict = Verdict::Success;
+        Ok(())
+    }
+
+    /// Unordered: a delayed copy in `%RETRY%<group>`, then the ack. Ordered: the queue is
+    /// suspended for the delay and the message delivered again in place.
+    async fn redeliver(&mut self, after: Duration, next_attempt: u32) -> Result<()> {
+        if self.ordered {
+            self.verdict = Verdict::Later(after);
+            return Ok(());
+        }
+        self.runner
+            .requeue(self.message, after, next_attempt)
+            .await?;
+        self.verdict = Verdict::Success;
+        Ok(())
+    }
+
+    async fn dead_letter(&mut self, dead_letter: &Message) -> Result<()> {
+        self.runner
+            .publisher
+            .publish_to(dead_letter, dead_letter.destination(), &[])
+            .await
+            .map(|_| ())
+    }
+
+    /// The broker's own send-back (`RECONSUME_LATER`), or a suspended queue when ordered.
+    async fn hold(&mut self, after: Duration, _next_attempt: u32) {
+        self.verdict = Verdict::Later(after);
+    }
 }
 
 struct Concurrent(Arc<Runner>);
@@ -328,9 +303,14 @@ impl Subscriber for RocketMqSubscriber {
             .retry
             .max_attempts
             .saturating_add(BROKER_BACKSTOP);
+        let dead_letter = subscription
+            .dead_letter
+            .clone()
+            .unwrap_or_else(|| format!("{DLQ_PREFIX}{}", subscription.group));
         let runner = Arc::new(Runner {
             publisher: self.publisher.clone(),
             handler,
+            path: ConsumePath::new(ADAPTER, &subscription, dead_letter),
             sub: subscription.clone(),
             app: tokio::runtime::Handle::current(),
             stopped: AtomicBool::new(false),

@@ -3,7 +3,7 @@
 //!
 //! A RocketMQ queue cannot delete a message, so "removed from the dead letters" is a
 //! *cursor*: the consume offsets of a dedicated consumer group, `<group>-surety-redrive`
-//! ([`RocketMqBroker::redrive_cursor_group`]). Everything before the cursor has been
+//! ([`crate::RocketMqBroker::redrive_cursor_group`]). Everything before the cursor has been
 //! re-driven; `list` shows the messages from the cursor on.
 //!
 //! - **Reading** uses a classic pull consumer of the cursor group: it reads the cursor
@@ -29,7 +29,7 @@
 
 #![allow(deprecated)] // The classic pull consumer is the client's pull-by-offset API.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,38 +40,18 @@ use rocketmq_client_rust::{
 };
 use rocketmq_model::common::message::message_queue::MessageQueue;
 use rocketmq_model::topic::TopicConfig;
-use surety_core::{
-    DeadLetter, DeadLetters, Error, ErrorKind, Message, MessageId, RedriveReport, RedriveSelection,
-    Result, redrive_message,
-};
+use surety_core::raw::{DeadLetterLog, DeadLetterPass, PassScope, StoredDeadLetter};
+use surety_core::{Error, ErrorKind, Message, Result};
 
 use crate::ADAPTER;
-use crate::broker::{QueueRoute, RocketMqBroker, RocketMqPublisher, Shared};
 use crate::codec::{self, DLQ_PREFIX};
 use crate::error::admin_error;
+use crate::shared::{QueueRoute, Shared, redrive_cursor_group};
 
 /// `PermName.PERM_READ`.
 const PERM_READ: u32 = 4;
 /// Messages asked for in one pull.
 const PULL_BATCH: i32 = 32;
-
-impl RocketMqBroker {
-    /// The consumer group whose consume offsets on `%DLQ%<group>` mark what was
-    /// re-driven: `<group>-surety-redrive`.
-    pub fn redrive_cursor_group(group: &str) -> String {
-        format!("{group}-surety-redrive")
-    }
-
-    /// The permission bits (`PermName`: 2 write, 4 read) of `topic` on its brokers, as
-    /// the name server routes it; `None` if it has no route.
-    pub async fn topic_permissions(&self, topic: &str) -> Result<Option<Vec<u32>>> {
-        Ok(self
-            .shared
-            .route_of(topic)
-            .await?
-            .map(|r| r.iter().map(|q| q.perm).collect()))
-    }
-}
 
 /// A dead letter as pulled from its queue.
 struct Record {
@@ -98,16 +78,21 @@ struct Scan {
     records: Vec<Record>,
 }
 
-pub(crate) struct RocketMqDeadLetters {
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) publisher: Arc<RocketMqPublisher>,
+pub(crate) struct RocketMqDeadLetterLog {
+    shared: Arc<Shared>,
+}
+
+impl RocketMqDeadLetterLog {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        RocketMqDeadLetterLog { shared }
+    }
 }
 
 fn rmq_error(e: &rocketmq_client_rust::ClientError, what: &str) -> Error {
     admin_error(e, what)
 }
 
-impl RocketMqDeadLetters {
+impl RocketMqDeadLetterLog {
     /// The dead-letter topic's queues with their master addresses, after making the topic
     /// readable if it is not.
     async fn queues(&self, topic: &str, destination: &str, group: &str) -> Result<Vec<Queue>> {
@@ -196,7 +181,7 @@ impl RocketMqDeadLetters {
         codec::validate_topic(group)?;
         let topic = format!("{DLQ_PREFIX}{group}");
         let mut queues = self.queues(&topic, destination, group).await?;
-        let cursor_group = RocketMqBroker::redrive_cursor_group(group);
+        let cursor_group = redrive_cursor_group(group);
         let shared = &self.shared;
         let mut builder = DefaultMQPullConsumer::builder(shared.host.runtime.clone())
             .client_options(ClientOptions::legacy(shared.client_config("dlq-reader")))
@@ -301,101 +286,92 @@ async fn pull_all(
     Ok(records)
 }
 
-#[async_trait]
-impl DeadLetters for RocketMqDeadLetters {
-    async fn list(&self, destination: &str, group: &str, limit: usize) -> Result<Vec<DeadLetter>> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let scan = self.scan(destination, group, limit).await?;
-        let mut records = scan.records;
-        // Oldest first across queues; each queue's own order is kept.
-        records.sort_by_key(|r| (r.stored_at, r.queue, r.offset));
-        Ok(records
-            .into_iter()
-            .take(limit)
-            .map(|r| {
-                let q = &scan.queues[r.queue].mq;
-                let position = format!(
-                    "broker {} queue {} offset {}",
-                    q.broker_name(),
-                    q.queue_id(),
-                    r.offset
-                );
-                DeadLetter::from_message(r.message, Some(position))
-            })
-            .collect())
-    }
+/// One pass: the records read at open, served in order; removing one marks it, and
+/// closing a re-drive pass moves each queue's cursor over its contiguous prefix of
+/// removed records.
+struct Pass {
+    shared: Arc<Shared>,
+    group: String,
+    queues: Vec<Queue>,
+    records: Vec<Record>,
+    at: usize,
+    removed: HashSet<(usize, i64)>,
+    redrive: bool,
+}
 
-    async fn redrive(
+#[async_trait]
+impl DeadLetterLog for RocketMqDeadLetterLog {
+    async fn open(
         &self,
         destination: &str,
         group: &str,
-        selection: &RedriveSelection,
-    ) -> Result<RedriveReport> {
-        let scan = self.scan(destination, group, usize::MAX).await?;
-        let mut report = RedriveReport::default();
-        let mut found: Vec<MessageId> = Vec::new();
-        let mut published: HashSet<(MessageId, String)> = HashSet::new();
-        // Per queue: whether every record so far was re-driven, and the cursor it allows.
-        let mut prefix: HashMap<usize, (bool, i64)> = scan
-            .queues
-            .iter()
-            .enumerate()
-            .map(|(i, q)| (i, (true, q.next)))
-            .collect();
+        scope: PassScope,
+    ) -> Result<Box<dyn DeadLetterPass>> {
+        let per_queue = match scope {
+            PassScope::List { limit } => limit,
+            PassScope::Redrive => usize::MAX,
+        };
+        let scan = self.scan(destination, group, per_queue).await?;
+        let mut records = scan.records;
+        if let PassScope::List { .. } = scope {
+            // Oldest first across queues; each queue's own order is kept.
+            records.sort_by_key(|r| (r.stored_at, r.queue, r.offset));
+        }
+        Ok(Box::new(Pass {
+            shared: self.shared.clone(),
+            group: group.to_owned(),
+            queues: scan.queues,
+            records,
+            at: 0,
+            removed: HashSet::new(),
+            redrive: scope == PassScope::Redrive,
+        }))
+    }
+}
+
+#[async_trait]
+impl DeadLetterPass for Pass {
+    async fn next(&mut self) -> Result<Option<StoredDeadLetter>> {
+        let Some(r) = self.records.get(self.at) else {
+            return Ok(None);
+        };
+        self.at += 1;
+        let q = &self.queues[r.queue].mq;
+        Ok(Some(StoredDeadLetter {
+            message: r.message.clone(),
+            position: Some(format!(
+                "broker {} queue {} offset {}",
+                q.broker_name(),
+                q.queue_id(),
+                r.offset
+            )),
+        }))
+    }
+
+    async fn remove(&mut self) -> Result<()> {
+        if let Some(r) = self.at.checked_sub(1).and_then(|i| self.records.get(i)) {
+            self.removed.insert((r.queue, r.offset));
+        }
+        Ok(())
+    }
+
+    /// Moves the cursors, after a failure too: a later re-drive then starts after what
+    /// was re-driven. A removed message behind one that stays cannot be skipped by a
+    /// consume offset: it stays listed, and a later re-drive sends it again.
+    async fn close(self: Box<Self>) -> Result<()> {
+        if !self.redrive {
+            return Ok(());
+        }
+        let cursor_group = CheetahString::from(redrive_cursor_group(&self.group));
         let mut failure = None;
-        for r in &scan.records {
-            let chosen = match selection {
-                RedriveSelection::All => true,
-                RedriveSelection::Ids(ids) => ids.contains(r.message.id()),
-            };
-            let entry = prefix.entry(r.queue).or_insert((true, 0));
-            if !chosen {
-                entry.0 = false;
-                continue;
-            }
-            found.push(r.message.id().clone());
-            // Confirmed at the origin first; the cursor moves after (below).
-            let fresh = redrive_message(&r.message, destination);
-            if !published.insert((fresh.id().clone(), fresh.destination().to_owned())) {
-                // Another copy of a message this re-drive published (%DLQ% holds every
-                // topic of the group, hence the destination in the key).
-                if entry.0 {
-                    entry.1 = r.offset + 1;
-                }
-                continue;
-            }
-            match self
-                .publisher
-                .publish_to(&fresh, fresh.destination(), &[])
-                .await
-            {
-                Ok(receipt) => {
-                    report.redriven.push(receipt);
-                    if entry.0 {
-                        entry.1 = r.offset + 1;
-                    }
-                }
-                Err(e) => {
-                    failure = Some(e);
+        for (i, q) in self.queues.iter().enumerate() {
+            let mut next = q.next;
+            for r in self.records.iter().filter(|r| r.queue == i) {
+                if !self.removed.contains(&(i, r.offset)) {
                     break;
                 }
+                next = r.offset + 1;
             }
-        }
-        if let RedriveSelection::Ids(ids) = selection {
-            for id in ids {
-                if !found.contains(id) && !report.not_found.contains(id) {
-                    report.not_found.push(id.clone());
-                }
-            }
-        }
-        // Move the cursors even when a publish failed: a later re-drive then starts
-        // after what was re-driven.
-        let cursor_group = CheetahString::from(RocketMqBroker::redrive_cursor_group(group));
-        let mut commit_error = None;
-        for (i, q) in scan.queues.iter().enumerate() {
-            let (_, next) = prefix[&i];
             if next <= q.next {
                 continue;
             }
@@ -410,18 +386,9 @@ impl DeadLetters for RocketMqDeadLetters {
                 )
                 .await
             {
-                commit_error = Some(rmq_error(&e, "re-drive cursor update"));
+                failure = Some(rmq_error(&e, "re-drive cursor update"));
             }
         }
-        if let Some(e) = failure {
-            return Err(
-                e.with_context("redriven_before_failure", report.redriven.len().to_string())
-            );
-        }
-        if let Some(e) = commit_error {
-            // Published, but a cursor did not move: a later re-drive repeats those.
-            return Err(e.with_context("redriven", report.redriven.len().to_string()));
-        }
-        Ok(report)
+        failure.map_or(Ok(()), Err)
     }
 }

@@ -29,26 +29,15 @@ mod consumer;
 mod dead_letters;
 mod error;
 mod host;
+mod publisher;
+mod shared;
 mod transaction;
 
-pub use broker::{RocketMqBroker, RocketMqPublisher};
+pub use broker::RocketMqBroker;
 pub use config::{ACCESS_KEY_ENV, NAMESRV_ENV, RocketMqConfig, SECRET_KEY_ENV};
 pub use consumer::RocketMqSubscriber;
+pub use publisher::RocketMqPublisher;
 pub use transaction::RocketMqTransactionalPublisher;
-
-use surety_core::{Capabilities, Capability};
 
 /// The adapter's name.
 pub const ADAPTER: &str = "rocketmq";
-
-/// What this adapter offers.
-pub(crate) fn capabilities(max_message_size: usize) -> Capabilities {
-    Capabilities::none()
-        .with(Capability::OnewayPublish)
-        .with(Capability::HalfMessages)
-        .with(Capability::NativeHalfMessages)
-        .with(Capability::OrderingPerKey)
-        .with(Capability::DelayedRetry)
-        .with(Capability::DeadLetter)
-        .with_max_message_size(max_message_size)
-}

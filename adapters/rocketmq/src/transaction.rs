@@ -26,9 +26,10 @@ use surety_core::{
 use tokio::sync::oneshot;
 
 use crate::ADAPTER;
-use crate::broker::{RocketMqPublisher, Shared};
 use crate::codec;
 use crate::error::{admin_error, send_error, status_error};
+use crate::publisher::RocketMqPublisher;
+use crate::shared::Shared;
 
 /// How long a check-back may take before the broker is told `Unknown` (it asks again).
 const CHECK_BACK_TIMEOUT: Duration = Duration::from_secs(20);

@@ -374,9 +374,7 @@ impl TransactionalPublisher for SqlTransactionalPublisher {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(id.0);
             let _guard = Running(running, id.0);
-            run_local_transaction(message, local)
-                .instrument_local(message)
-                .await
+            run_local_transaction(message, local).await
         };
         match state {
             TxState::Commit => {
@@ -413,15 +411,3 @@ impl TransactionalPublisher for SqlTransactionalPublisher {
         }
     }
 }
-
-/// Wraps the local transaction in its span.
-trait InstrumentLocal: std::future::Future + Sized {
-    fn instrument_local(self, message: &Message) -> tracing::instrument::Instrumented<Self> {
-        tracing::Instrument::instrument(
-            self,
-            tracing::info_span!(telemetry::SPAN_LOCAL_TRANSACTION, message_id = %message.id()),
-        )
-    }
-}
-
-impl<F: std::future::Future> InstrumentLocal for F {}

@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection, ConnectionProperties};
-use surety_core::{Error, ErrorKind, Result, telemetry};
+use surety_core::raw::PublishPath;
+use surety_core::{Capabilities, Capability, Error, ErrorKind, Result, telemetry};
 use tokio::sync::Mutex;
 
 use crate::ADAPTER;
@@ -46,6 +47,21 @@ impl Connector {
 
     pub(crate) fn config(&self) -> &RabbitConfig {
         &self.config
+    }
+
+    /// What the adapter offers with these settings.
+    pub(crate) fn capabilities(&self) -> Capabilities {
+        Capabilities::none()
+            .with(Capability::OnewayPublish)
+            .with(Capability::BrokerTransactions)
+            .with(Capability::DelayedRetry)
+            .with(Capability::DeadLetter)
+            .with_max_message_size(self.config.max_message_size)
+    }
+
+    /// The publish path of this adapter: validation, span, metrics, retries.
+    pub(crate) fn publish_path(&self) -> PublishPath {
+        PublishPath::new(ADAPTER, self.capabilities()).with_retry(self.config.publish_retry.clone())
     }
 
     /// A live connection: the current one, or a new one if it died. One attempt: a

@@ -1,8 +1,17 @@
-//! What an adapter can do, declared once and checked in one place.
+//! What an adapter can do, declared once and enforced in one place.
+//!
+//! An adapter declares its [`Capabilities`]; [`CapabilityCheck`] (applied by
+//! `surety::connect`, the conformance runner and the CLI) rejects a call that needs a
+//! capability the adapter lacks before the call reaches the adapter. Every
+//! [`ErrorKind::Unsupported`] error is built here, by [`Capability::unsupported`].
+
+mod check;
 
 use std::fmt;
 
-use crate::error::{Error, Result};
+pub use check::CapabilityCheck;
+
+use crate::error::{Error, ErrorKind, Result};
 
 /// One capability an adapter may have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -39,6 +48,19 @@ impl Capability {
             Capability::DeadLetter => "dead letter",
             Capability::ConsumerExactlyOnce => "consumer exactly-once",
         }
+    }
+}
+
+impl Capability {
+    /// The error for an operation that needs this capability, called on `adapter`, which
+    /// does not have it: [`ErrorKind::Unsupported`], permanent, naming both.
+    pub fn unsupported(self, adapter: &str) -> Error {
+        Error::new(
+            ErrorKind::Unsupported,
+            format!("{adapter} does not support {}", self.as_str()),
+        )
+        .with_context("adapter", adapter)
+        .with_context("operation", self.as_str())
     }
 }
 
@@ -93,13 +115,13 @@ impl Capabilities {
         }
     }
 
-    /// `Ok` if the adapter has `capability`, else an [`crate::ErrorKind::Unsupported`] error
-    /// naming adapter and capability. Adapters call this before any broker work.
+    /// `Ok` if the adapter has `capability`, else an [`ErrorKind::Unsupported`] error
+    /// naming adapter and capability.
     pub fn require(&self, adapter: &str, capability: Capability) -> Result<()> {
         if self.supports(capability) {
             Ok(())
         } else {
-            Err(Error::unsupported(adapter, capability.as_str()))
+            Err(capability.unsupported(adapter))
         }
     }
 
@@ -129,7 +151,6 @@ impl Capabilities {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ErrorKind;
 
     #[test]
     fn require_names_adapter_and_capability() {

@@ -1,0 +1,23 @@
+//! For adapter authors: the middle tier every adapter shares.
+//!
+//! Applications never need this module. An adapter translates Surety's contracts to one
+//! broker and leaves the rest here, written once:
+//!
+//! - [`publish`]: implement [`Sender`] (one confirmed send); [`Publish`] adds validation,
+//!   the publish span, metrics, bounded retries and error context. Surety's own writes
+//!   (retry copies, dead letters) go through [`PublishPath::run`].
+//! - [`consume`]: implement [`Settle`] (ack, redeliver, dead-letter, hold) and hand each
+//!   delivery to [`ConsumePath::deliver`], which runs the handler and decides.
+//! - [`redrive`]: implement [`DeadLetterLog`] (scan and remove); [`DeadLetterQueue`]
+//!   lists and re-drives.
+//!
+//! Refusing unsupported calls is not an adapter's job either: `crate::CapabilityCheck`
+//! does it in front of every adapter.
+
+pub mod consume;
+pub mod publish;
+pub mod redrive;
+
+pub use consume::{ConsumePath, Disposition, Settle};
+pub use publish::{Publish, PublishPath, Sender};
+pub use redrive::{DeadLetterLog, DeadLetterPass, DeadLetterQueue, PassScope, StoredDeadLetter};
