@@ -75,7 +75,8 @@ async fn dead_letters(
     Failure,
 > {
     let fail = |e: surety_core::Error| Failure::from_error(&e, Some(&target.broker));
-    let (adapter, broker) = crate::broker::connect(&target.broker).await.map_err(fail)?;
+    let broker = surety::connect(&target.broker).await.map_err(fail)?;
+    let adapter = broker.name();
     let dead = broker.dead_letters().await.map_err(fail)?;
     let name = broker.dead_letter_destination(&target.destination, &target.group);
     Ok((adapter, dead, name))

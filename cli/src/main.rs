@@ -62,7 +62,6 @@
 //! oldest pending age and the inbox summary are read-only queries on the validated
 //! table names, because the store has no method for them.
 
-mod broker;
 mod commands;
 mod dlq;
 mod output;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use surety_conformance::runner::with_sql_half_messages;
 use surety_conformance::{CASES, Fixture, Report, Verdict};
-use surety_core::{Broker, Error, ErrorKind};
+use surety_core::{Broker, CapabilityCheck, Error, ErrorKind};
 use surety_sql::{SqlStore, StoreConfig, TableNames};
 
 use crate::output::{Failure, print_json};
@@ -133,20 +133,22 @@ async fn fixture(
     let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or_default();
     match scheme {
         "memory" => {
-            let broker = surety_memory::MemoryBroker::with_config(surety_memory::MemoryConfig {
+            // An empty in-process broker with the suite's short check-back timings.
+            let broker = surety::memory::MemoryBroker::with_config(surety::memory::MemoryConfig {
                 transaction_timeout: Duration::from_millis(300),
                 check_interval: Duration::from_millis(100),
-                ..surety_memory::MemoryConfig::default()
+                ..surety::memory::MemoryConfig::default()
             });
             Ok((
                 "memory",
-                Fixture::new(Arc::new(broker))
+                Fixture::new(CapabilityCheck::wrap(Arc::new(broker)))
                     .quiet_period(Duration::from_millis(300))
                     .check_back_timeout(Duration::from_secs(10)),
             ))
         }
         "amqp" | "amqps" | "kafka" => {
-            let (adapter, broker) = crate::broker::connect(url).await?;
+            let broker = surety::connect(url).await?;
+            let adapter = broker.name();
             let broker = with_half_messages(broker, database_url).await?;
             Ok((
                 adapter,
@@ -156,7 +158,8 @@ async fn fixture(
             ))
         }
         "rocketmq" => {
-            let (adapter, broker) = crate::broker::connect(url).await?;
+            let broker = surety::connect(url).await?;
+            let adapter = broker.name();
             // RocketMQ checks half messages every few seconds after a few seconds.
             Ok((
                 adapter,
@@ -168,7 +171,7 @@ async fn fixture(
         }
         _ => Err(Error::new(
             ErrorKind::Configuration,
-            format!("expected a {} broker URL", crate::broker::SCHEMES),
+            "expected a memory:, amqp://, amqps://, kafka:// or rocketmq:// broker URL",
         )),
     }
 }
@@ -189,5 +192,6 @@ async fn with_half_messages(
     )
     .await?;
     store.migrate().await?;
-    Ok(with_sql_half_messages(broker, store))
+    // The capability layer in front of the decorator sees the half messages it adds.
+    Ok(CapabilityCheck::wrap(with_sql_half_messages(broker, store)))
 }
