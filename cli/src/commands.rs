@@ -10,7 +10,7 @@ use surety_sql::{Dialect, EntryState, OutboxEntry, SqlStore, StoreConfig, TableN
 
 use crate::output::{Failure, cell, human, print_json, print_table};
 use crate::redact::redact_url;
-use crate::{Cli, Command, DbArgs, InboxCommand, OutboxCommand};
+use crate::{Cli, Command, DbArgs, InboxCommand, OutboxCommand, database_url};
 
 type Outcome = std::result::Result<(), Failure>;
 
@@ -19,24 +19,8 @@ type Outcome = std::result::Result<(), Failure>;
 /// database's clock arithmetic).
 const KEEP_INBOX: Duration = Duration::from_secs(1000 * 365 * 24 * 3600);
 
+/// Runs a command on the local message table (`migrate`, `outbox ...`, `inbox ...`).
 pub(crate) async fn run(cli: &Cli) -> Outcome {
-    if let Command::Verify { broker, cases } = &cli.command {
-        surety_conformance::runner::quiet_deliberate_panics();
-        // The database is optional here: it only backs RabbitMQ's and Kafka's half messages.
-        let database = database_url(&cli.db).ok();
-        let passed = crate::verify::verify(broker, database.as_deref(), cases, cli.json).await?;
-        return if passed {
-            Ok(())
-        } else {
-            Err(Failure::operational(
-                "verification_failed",
-                "at least one conformance case failed (see the matrix)",
-            ))
-        };
-    }
-    if let Command::Dlq { command } = &cli.command {
-        return crate::dlq::run(cli, command).await;
-    }
     let url = database_url(&cli.db)?;
     let url = url.as_str();
     // Every driver error passes through here, so none can carry the password out.
@@ -131,23 +115,6 @@ pub(crate) async fn run(cli: &Cli) -> Outcome {
 
 /// The URL from the flag or `SURETY_DATABASE_URL` (clap reads both), else
 /// `SURETY_POSTGRES_URL`.
-pub(crate) fn database_url(db: &DbArgs) -> Result<String, Failure> {
-    db.database_url
-        .clone()
-        .filter(|u| !u.is_empty())
-        .or_else(|| {
-            std::env::var("SURETY_POSTGRES_URL")
-                .ok()
-                .filter(|u| !u.is_empty())
-        })
-        .ok_or_else(|| {
-            Failure::operational(
-                "configuration",
-                "no database: pass --database-url or set SURETY_DATABASE_URL (or SURETY_POSTGRES_URL)",
-            )
-        })
-}
-
 async fn connect(url: &str, db: &DbArgs, config: StoreConfig) -> Result<SqlStore, Failure> {
     let config = config.tables(TableNames::prefixed(&db.table_prefix));
     // One connection is all a command needs; fewer to open against a busy database.

@@ -247,7 +247,7 @@ impl AuditSink {
     /// The table when a database is configured (checked now, before anything is
     /// re-driven), else the file.
     async fn open(cli: &Cli, file: &Path) -> Result<AuditSink, Failure> {
-        let Ok(url) = crate::commands::database_url(&cli.db) else {
+        let Ok(url) = crate::database_url(&cli.db) else {
             return Ok(AuditSink::File {
                 path: file.to_owned(),
             });

@@ -110,6 +110,24 @@ pub(crate) struct DbArgs {
     pub table_prefix: String,
 }
 
+/// The database URL from `--database-url`, `SURETY_DATABASE_URL` or `SURETY_POSTGRES_URL`.
+pub(crate) fn database_url(db: &DbArgs) -> Result<String, output::Failure> {
+    db.database_url
+        .clone()
+        .filter(|u| !u.is_empty())
+        .or_else(|| {
+            std::env::var("SURETY_POSTGRES_URL")
+                .ok()
+                .filter(|u| !u.is_empty())
+        })
+        .ok_or_else(|| {
+            output::Failure::operational(
+                "configuration",
+                "no database: pass --database-url or set SURETY_DATABASE_URL (or SURETY_POSTGRES_URL)",
+            )
+        })
+}
+
 #[derive(Subcommand, Debug)]
 pub(crate) enum Command {
     /// Apply the outbox and inbox schema (safe to run again).
@@ -274,7 +292,12 @@ async fn main() -> ExitCode {
             )
             .exit();
     }
-    match commands::run(&cli).await {
+    let outcome = match &cli.command {
+        Command::Verify { broker, cases } => verify::run(&cli, broker, cases).await,
+        Command::Dlq { command } => dlq::run(&cli, command).await,
+        _ => commands::run(&cli).await,
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             output::print_error(&e, cli.json);

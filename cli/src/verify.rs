@@ -9,6 +9,7 @@ use surety_conformance::{CASES, Fixture, Report, Verdict};
 use surety_core::{Broker, CapabilityCheck, Error, ErrorKind};
 use surety_sql::{SqlStore, StoreConfig, TableNames};
 
+use crate::Cli;
 use crate::output::{Failure, print_json};
 use crate::redact::{redact_url, scrub};
 
@@ -16,9 +17,25 @@ use crate::redact::{redact_url, scrub};
 /// run: kept apart from the application's outbox, so its relay never sees test rows.
 const VERIFY_TABLES: &str = "surety_verify";
 
+/// `surety verify`: the cases against the broker at `broker_url`; a failed case is an
+/// operational failure.
+pub(crate) async fn run(cli: &Cli, broker_url: &str, only: &[String]) -> Result<(), Failure> {
+    surety_conformance::runner::quiet_deliberate_panics();
+    // The database is optional here: it only backs RabbitMQ's and Kafka's half messages.
+    let database = crate::database_url(&cli.db).ok();
+    if verify(broker_url, database.as_deref(), only, cli.json).await? {
+        Ok(())
+    } else {
+        Err(Failure::operational(
+            "verification_failed",
+            "at least one conformance case failed (see the matrix)",
+        ))
+    }
+}
+
 /// Connects, runs the cases (all, or those named in `only`) one after another, prints
 /// the matrix. `Ok(false)` when a case failed.
-pub(crate) async fn verify(
+async fn verify(
     broker_url: &str,
     database_url: Option<&str>,
     only: &[String],

@@ -25,6 +25,7 @@ mod consume;
 mod dead_letter;
 mod error;
 mod message;
+mod panic;
 mod publish;
 pub mod raw;
 mod retry;
@@ -37,20 +38,17 @@ pub use consume::{
     Delivery, Handler, HandlerError, HandlerFn, Outcome, Subscriber, Subscription,
     SubscriptionHandle, handler_fn,
 };
-pub use dead_letter::{
-    DeadLetter, DeadLetters, MAX_REASON_LEN, RedriveReport, RedriveSelection, dead_letter_message,
-    header_safe, redrive_message,
-};
+pub use dead_letter::{DeadLetter, DeadLetters, RedriveReport, RedriveSelection};
 pub use error::{Error, ErrorKind, Result};
 pub use message::{
     Codec, Json, MAX_DESTINATION_LEN, MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, MAX_ID_LEN,
-    Message, MessageId, headers, validate_destination,
+    Message, MessageId, headers,
 };
 pub use publish::{Publisher, Receipt};
 pub use retry::RetryPolicy;
 pub use transaction::{
     BrokerTransaction, CheckBack, CheckBackFn, LocalTransaction, TransactionalPublisher, TxOutcome,
-    TxState, check_back_fn, run_check_back, run_local_transaction,
+    TxState, check_back_fn,
 };
 
 // Compile-time only: each argument proves one trait is object safe.

@@ -5,8 +5,6 @@
 //! has the label `adapter`; publish metrics also `destination`.
 
 use crate::error::ErrorKind;
-use crate::raw::Disposition;
-use crate::transaction::TxState;
 
 /// Counter: messages handed to a broker for a confirmed publish.
 pub const PUBLISHED: &str = "surety_published_total";
@@ -27,7 +25,7 @@ pub const DEAD_LETTERED: &str = "surety_dead_lettered_total";
 /// Counter: dead-letter attempts that failed (the message stays and is retried); label
 /// `group`.
 pub const DEAD_LETTER_FAILED: &str = "surety_dead_letter_failed_total";
-/// Counter: check-back answers; label `state` ([`TxState::as_str`]).
+/// Counter: check-back answers; label `state` ([`crate::TxState::as_str`]).
 pub const CHECK_BACKS: &str = "surety_check_backs_total";
 /// Counter: half messages discarded after the check limit.
 pub const CHECK_BACK_EXHAUSTED: &str = "surety_check_back_exhausted_total";
@@ -89,29 +87,12 @@ pub(crate) fn record_publish_since(
     }
 }
 
-/// Records a delivery handed to a handler.
-pub(crate) fn record_delivered(adapter: &'static str, group: &str) {
-    metrics::counter!(DELIVERED, "adapter" => adapter, "group" => group.to_owned()).increment(1);
+/// Counts one consume event (`name` is one of the consume counters) of `group`.
+pub(crate) fn record_consumed(name: &'static str, adapter: &'static str, group: &str) {
+    metrics::counter!(name, "adapter" => adapter, "group" => group.to_owned()).increment(1);
 }
 
-/// Records a check-back answer.
-pub(crate) fn record_check_back(adapter: &'static str, state: TxState) {
-    metrics::counter!(CHECK_BACKS, "adapter" => adapter, "state" => state.as_str()).increment(1);
-}
-
-/// Records how a delivery was settled.
-pub(crate) fn record_settled(adapter: &'static str, group: &str, disposition: &Disposition) {
-    let group = group.to_owned();
-    let name = match disposition {
-        Disposition::Ack => ACKED,
-        Disposition::Redeliver { .. } => RETRIED,
-        Disposition::DeadLetter { .. } => DEAD_LETTERED,
-    };
-    metrics::counter!(name, "adapter" => adapter, "group" => group).increment(1);
-}
-
-/// Records a dead letter that could not be sent (the message is kept).
-pub(crate) fn record_dead_letter_failed(adapter: &'static str, group: &str) {
-    metrics::counter!(DEAD_LETTER_FAILED, "adapter" => adapter, "group" => group.to_owned())
-        .increment(1);
+/// Records a check-back answer (`state` is [`crate::TxState::as_str`]).
+pub(crate) fn record_check_back(adapter: &'static str, state: &'static str) {
+    metrics::counter!(CHECK_BACKS, "adapter" => adapter, "state" => state).increment(1);
 }

@@ -130,7 +130,7 @@ pub async fn run_local_transaction(message: &Message, local: LocalTransaction<'_
         Err(panic) => {
             tracing::error!(
                 message_id = %message.id(),
-                panic = %crate::raw::consume::panic_text(&panic),
+                panic = %crate::panic::panic_text(&panic),
                 "local transaction panicked; leaving the message to the check-back"
             );
             TxState::Unknown
@@ -156,13 +156,13 @@ pub async fn run_check_back(
         Err(panic) => {
             tracing::error!(
                 message_id = %message.id(),
-                panic = %crate::raw::consume::panic_text(&panic),
+                panic = %crate::panic::panic_text(&panic),
                 "check-back panicked; treating as unknown"
             );
             TxState::Unknown
         }
     };
-    crate::telemetry::record_check_back(adapter, state);
+    crate::telemetry::record_check_back(adapter, state.as_str());
     state
 }
 

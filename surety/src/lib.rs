@@ -5,8 +5,14 @@
 //! message is never lost, never sent for a change that rolled back, and that the
 //! consumer's effect happens once.
 //!
-//! This crate re-exports the contracts of [`surety_core`] and, behind one cargo feature
-//! each, the adapters:
+//! This crate re-exports what applications use of [`surety_core`] (messages, publishers,
+//! transactional send, consumers, errors, dead letters, metric names) and, behind one
+//! cargo feature each, the adapters. What adapter authors need (`surety_core::raw`: the
+//! shared publish, consume and re-drive paths) is not re-exported here:
+//!
+//! ```compile_fail
+//! use surety::raw::ConsumePath; // adapter authors depend on surety-core directly
+//! ```
 //!
 //! | feature | adapter |
 //! |---|---|
@@ -49,7 +55,14 @@
 mod connect;
 
 pub use connect::connect;
-pub use surety_core::*;
+pub use surety_core::telemetry;
+pub use surety_core::{
+    Broker, BrokerTransaction, Capabilities, Capability, CapabilityCheck, CheckBack, CheckBackFn,
+    Codec, DeadLetter, DeadLetters, Delivery, Error, ErrorKind, Handler, HandlerError, HandlerFn,
+    Json, LocalTransaction, Message, MessageId, Outcome, Publisher, Receipt, RedriveReport,
+    RedriveSelection, Result, RetryPolicy, Subscriber, Subscription, SubscriptionHandle, Topology,
+    TransactionalPublisher, TxOutcome, TxState, check_back_fn, handler_fn, headers,
+};
 
 /// The in-process broker (feature `memory`).
 #[cfg(feature = "memory")]

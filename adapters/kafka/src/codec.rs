@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rdkafka::Message as _;
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::FutureRecord;
 use surety_core::{Message, MessageId, headers};
 
 /// When a retried record is due, milliseconds since the Unix epoch.
@@ -129,6 +130,19 @@ pub(crate) fn retry_message(
         .with_header(headers::ATTEMPT, attempts.to_string())
         .with_header(RETRY_AT, due_ms.to_string())
         .with_header(RETRY_OF, message.destination())
+}
+
+/// The Kafka record of `message`: payload, id and created-at headers, timestamp, key.
+pub(crate) fn record_of(message: &Message) -> FutureRecord<'_, str, [u8]> {
+    let payload: &[u8] = message.payload();
+    let record = FutureRecord::<str, [u8]>::to(message.destination())
+        .payload(payload)
+        .timestamp(message.created_at_millis() as i64)
+        .headers(record_headers(message));
+    match message.key() {
+        Some(key) => record.key(key),
+        None => record,
+    }
 }
 
 #[cfg(test)]

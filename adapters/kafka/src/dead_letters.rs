@@ -11,7 +11,7 @@
 //!   It stops at the high watermarks seen when it started, so a listing terminates even
 //!   while new dead letters arrive.
 //! - **Re-driving** publishes each chosen record with confirm to its original topic
-//!   ([`surety_core::redrive_message`]: same id, attempt count reset), and only then
+//!   ([`surety_core::raw::redrive_message`]: same id, attempt count reset), and only then
 //!   moves the cursor: a crash in between re-drives the record again (the consumer's
 //!   inbox absorbs the duplicate by id), never loses it.
 //! - **Re-driving some ids only.** Moving a partition's cursor past a record that was

@@ -14,7 +14,7 @@
 //! | undeclared destination | [`Unroutable`](surety_core::ErrorKind::Unroutable): topic existence is checked with a metadata request that never auto-creates (positive answers cached), and the producer runs with `allow.auto.create.topics=false`, so a broker with `auto.create.topics.enable=true` does not create it |
 //! | broker transaction | transactional producer (`transactional.id`), pooled; blocking calls in `spawn_blocking`; `publish` enqueues and the delivery reports are read together before the commit (a failed one aborts the transaction, naming the message) |
 //! | consumer group | consumer group; `isolation.level=read_committed`, `enable.auto.commit=false`, `auto.offset.reset=earliest` |
-//! | ack | offset commit, only after the handler's outcome was settled ([`surety_core::decide`]) |
+//! | ack | offset commit, only after the handler's outcome was settled (`surety_core::raw::ConsumePath`) |
 //! | `Retry` | unordered subscription: the record is re-published to the group's retry topic `<topic>.<group>.retry` with `surety-attempt` and a due time, and the source offset committed; the same subscription consumes the retry topic and holds a record until it is due. Ordered subscription: retried in place, blocking its partition |
 //! | dead letter | `<topic>.<group>.dlq` (or the subscription's own), with `surety-dead-letter-reason`, `surety-dead-letter-attempts`, `surety-original-destination`, `surety-consumer-group` |
 //! | dead-letter list / re-drive | [`Broker::dead_letters`](surety_core::Broker::dead_letters): reads `<topic>.<group>.dlq` from a re-drive cursor, the committed offsets of the group `<group>.surety-redrive` (a log cannot delete); re-driven records are confirmed at their origin before the cursor moves |

@@ -4,11 +4,10 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use rdkafka::producer::FutureRecord;
 use surety_core::raw::Sender;
 use surety_core::{Message, Receipt, Result};
 
-use crate::codec::record_headers;
+use crate::codec::record_of;
 use crate::error::delivery_error;
 use crate::shared::Inner;
 
@@ -36,18 +35,5 @@ impl Sender for KafkaSender {
             Ok(_report) => Ok(()),
             Err((e, _)) => Err(delivery_error(&e, message.destination())),
         }
-    }
-}
-
-/// The Kafka record of `message`: payload, id and created-at headers, timestamp, key.
-pub(crate) fn record_of(message: &Message) -> FutureRecord<'_, str, [u8]> {
-    let payload: &[u8] = message.payload();
-    let record = FutureRecord::<str, [u8]>::to(message.destination())
-        .payload(payload)
-        .timestamp(message.created_at_millis() as i64)
-        .headers(record_headers(message));
-    match message.key() {
-        Some(key) => record.key(key),
-        None => record,
     }
 }

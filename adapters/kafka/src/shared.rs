@@ -18,10 +18,9 @@ use surety_core::{
 };
 
 use crate::ADAPTER;
+use crate::codec::record_of;
 use crate::config::{KafkaConfig, create};
 use crate::error::{broker_error, delivery_error};
-use crate::publisher::record_of;
-use crate::transaction::TxPool;
 
 pub(crate) struct Inner {
     pub(crate) config: KafkaConfig,
@@ -250,6 +249,26 @@ pub(crate) fn redrive_cursor_group(group: &str) -> String {
     format!("{group}.surety-redrive")
 }
 
+/// Idle transactional producers, each with its own `transactional.id` and
+/// `init_transactions` already done (that call costs a broker round trip or more).
+#[derive(Default)]
+pub(crate) struct TxPool {
+    idle: Mutex<Vec<Arc<FutureProducer>>>,
+}
+
+impl TxPool {
+    pub(crate) fn take(&self) -> Option<Arc<FutureProducer>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    pub(crate) fn put(&self, p: Arc<FutureProducer>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < 8 {
+            idle.push(p);
+        }
+    }
+}
+
 enum TopicState {
     Exists,
     Missing,
@@ -273,7 +292,7 @@ pub(crate) fn unroutable(topic: &str) -> Error {
 
 /// Kafka topic names: 1 to 249 bytes of `[A-Za-z0-9._-]`, not `.` or `..`.
 pub(crate) fn validate_topic(topic: &str) -> Result<()> {
-    surety_core::validate_destination(topic)?;
+    surety_core::raw::validate_destination(topic)?;
     if topic == "." || topic == ".." || topic.contains('%') {
         return Err(Error::invalid(format!(
             "{topic:?} is not a valid Kafka topic name ([A-Za-z0-9._-], not . or ..)"

@@ -1,7 +1,7 @@
 //! Broker transactions: a pool of transactional producers behind
 //! [`surety_core::Broker::begin_transaction`].
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -10,30 +10,10 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer};
 use surety_core::{BrokerTransaction, Error, ErrorKind, Message, Result};
 
 use crate::ADAPTER;
+use crate::codec::record_of;
 use crate::config::create;
 use crate::error::{TxnClass, classify, delivery_error, transaction_error};
-use crate::publisher::record_of;
 use crate::shared::{Inner, blocking};
-
-/// Idle transactional producers, each with its own `transactional.id` and
-/// `init_transactions` already done (that call costs a broker round trip or more).
-#[derive(Default)]
-pub(crate) struct TxPool {
-    idle: Mutex<Vec<Arc<FutureProducer>>>,
-}
-
-impl TxPool {
-    fn take(&self) -> Option<Arc<FutureProducer>> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
-    }
-
-    fn put(&self, p: Arc<FutureProducer>) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < 8 {
-            idle.push(p);
-        }
-    }
-}
 
 /// Creates a transactional producer with `transactional_id` and runs
 /// `init_transactions` (which also fences any older producer with that id and aborts its

@@ -3,10 +3,10 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use surety_core::raw::{DeadLetterQueue, Publish, PublishPath};
+use surety_core::raw::{DeadLetterQueue, Publish, PublishPath, validate_destination};
 use surety_core::{
     Broker, BrokerTransaction, Capabilities, Capability, CheckBack, DeadLetters, Message,
-    Publisher, Result, Subscriber, Topology, TransactionalPublisher, validate_destination,
+    Publisher, Result, Subscriber, Topology, TransactionalPublisher,
 };
 
 use crate::ADAPTER;

@@ -4,10 +4,10 @@ use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use async_trait::async_trait;
+use surety_core::raw::{run_check_back, run_local_transaction};
 use surety_core::{
     BrokerTransaction, CheckBack, Error, ErrorKind, LocalTransaction, Message, Publisher, Receipt,
-    Result, TransactionalPublisher, TxOutcome, TxState, run_check_back, run_local_transaction,
-    telemetry,
+    Result, TransactionalPublisher, TxOutcome, TxState, telemetry,
 };
 
 use crate::ADAPTER;

@@ -7,7 +7,8 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
-use surety_core::{Error, ErrorKind, Result, validate_destination};
+use surety_core::raw::validate_destination;
+use surety_core::{Error, ErrorKind, Result};
 
 use crate::ADAPTER;
 use crate::config::{QueueType, RabbitConfig};

@@ -531,7 +531,8 @@ async fn returns_are_matched_to_their_own_publish_under_multiple_acks() {
 /// undeclared group is a configuration error.
 #[tokio::test]
 async fn a_failed_redrive_keeps_the_dead_letter() {
-    use surety_core::{RedriveSelection, dead_letter_message};
+    use surety_core::RedriveSelection;
+    use surety_core::raw::dead_letter_message;
 
     let broker = connect().await;
     let dest = name("dlqfail");

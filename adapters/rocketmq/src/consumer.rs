@@ -1,7 +1,7 @@
 //! Push consumers with ack after process.
 //!
 //! The client's listeners are synchronous and run on its blocking lane. Each delivery is
-//! handed to an async task on the application's runtime (`run_handler` + `decide`), and
+//! handed to an async task on the application's runtime (core's `ConsumePath`), and
 //! the lane thread waits for its verdict: the runtime never blocks, and a task that is
 //! aborted or panics closes the channel, which is a `ReconsumeLater`, never a success.
 //!
@@ -55,7 +55,7 @@ use crate::shared::Shared;
 const BROKER_BACKSTOP: u32 = 16;
 
 /// Starts push consumers on the broker.
-pub struct RocketMqSubscriber {
+pub(crate) struct RocketMqSubscriber {
     shared: Arc<Shared>,
     publisher: Arc<RocketMqPublisher>,
 }

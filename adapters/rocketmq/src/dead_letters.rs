@@ -11,7 +11,7 @@
 //!   a listing terminates while new dead letters arrive), and is shut down before any
 //!   cursor is written. It never stores an offset itself.
 //! - **Re-driving** publishes each chosen message with confirm to its original topic
-//!   ([`surety_core::redrive_message`]: same id, attempt count reset) and only then
+//!   ([`surety_core::raw::redrive_message`]: same id, attempt count reset) and only then
 //!   moves the cursor with the admin request `UPDATE_CONSUMER_OFFSET`: a crash in between
 //!   re-drives the message again (the consumer's inbox absorbs the duplicate by id), never
 //!   loses it.

@@ -35,9 +35,6 @@ mod transaction;
 
 pub use broker::RocketMqBroker;
 pub use config::{ACCESS_KEY_ENV, NAMESRV_ENV, RocketMqConfig, SECRET_KEY_ENV};
-pub use consumer::RocketMqSubscriber;
 pub use publisher::RocketMqPublisher;
-pub use transaction::RocketMqTransactionalPublisher;
 
-/// The adapter's name.
-pub const ADAPTER: &str = "rocketmq";
+const ADAPTER: &str = "rocketmq";

@@ -19,9 +19,10 @@ use async_trait::async_trait;
 use rocketmq_client_rust::{LocalTransactionState, TransactionListener, TransactionMQProducer};
 use rocketmq_model::common::message::MessageTrait;
 use rocketmq_model::common::message::message_ext::MessageExt;
+use surety_core::raw::{run_check_back, run_local_transaction};
 use surety_core::{
     CheckBack, Error, ErrorKind, LocalTransaction, Message, Publisher, Receipt, Result,
-    TransactionalPublisher, TxOutcome, TxState, run_check_back, run_local_transaction,
+    TransactionalPublisher, TxOutcome, TxState,
 };
 use tokio::sync::oneshot;
 
@@ -107,7 +108,7 @@ impl TransactionListener for Bridge {
 }
 
 /// A producer of one producer group: half messages, local transaction, check-back.
-pub struct RocketMqTransactionalPublisher {
+pub(crate) struct RocketMqTransactionalPublisher {
     shared: Arc<Shared>,
     plain: Arc<RocketMqPublisher>,
     producer: Option<TransactionMQProducer>,

@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use surety_core::raw::{run_check_back, run_local_transaction};
 use surety_core::{
     CheckBack, Error, ErrorKind, LocalTransaction, Message, Publisher, Receipt, Result,
-    TransactionalPublisher, TxOutcome, TxState, run_check_back, run_local_transaction, telemetry,
+    TransactionalPublisher, TxOutcome, TxState, telemetry,
 };
 
 use crate::error::ADAPTER;

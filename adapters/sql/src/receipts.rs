@@ -60,7 +60,10 @@ pub fn receipt_message(
         ReceiptOutcome::Completed => message.with_header(headers::RECEIPT_OUTCOME, COMPLETED),
         ReceiptOutcome::Failed { reason } => message
             .with_header(headers::RECEIPT_OUTCOME, FAILED)
-            .with_header(headers::RECEIPT_REASON, surety_core::header_safe(reason)),
+            .with_header(
+                headers::RECEIPT_REASON,
+                surety_core::raw::header_safe(reason),
+            ),
     }
 }
 

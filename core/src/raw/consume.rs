@@ -18,7 +18,6 @@
 //! `surety_retried_total`, `surety_dead_lettered_total`,
 //! `surety_dead_letter_failed_total`) and every message given up is logged.
 
-use std::any::Any;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
@@ -30,6 +29,7 @@ use crate::consume::{Delivery, Handler, Outcome, Subscription};
 use crate::dead_letter::dead_letter_message;
 use crate::error::Result;
 use crate::message::Message;
+use crate::panic::panic_text;
 use crate::retry::RetryPolicy;
 use crate::telemetry;
 
@@ -120,7 +120,7 @@ impl ConsumePath {
         handler: &dyn Handler,
         settle: &mut (dyn Settle + '_),
     ) -> Disposition {
-        telemetry::record_delivered(self.adapter, &self.group);
+        telemetry::record_consumed(telemetry::DELIVERED, self.adapter, &self.group);
         let span = self.span(delivery.message.id().as_str(), delivery.attempt);
         let result = run_handler(handler, &delivery)
             .instrument(span.clone())
@@ -141,7 +141,7 @@ impl ConsumePath {
         reason: String,
         settle: &mut (dyn Settle + '_),
     ) -> Disposition {
-        telemetry::record_delivered(self.adapter, &self.group);
+        telemetry::record_consumed(telemetry::DELIVERED, self.adapter, &self.group);
         let span = self.span(message.id().as_str(), attempts);
         let disposition = Disposition::DeadLetter { reason, attempts };
         self.carry_out(message, disposition, settle)
@@ -178,7 +178,12 @@ impl ConsumePath {
                 self.dead_letter(message, reason, attempts, settle).await
             }
         };
-        telemetry::record_settled(self.adapter, &self.group, &done);
+        let counter = match &done {
+            Disposition::Ack => telemetry::ACKED,
+            Disposition::Redeliver { .. } => telemetry::RETRIED,
+            Disposition::DeadLetter { .. } => telemetry::DEAD_LETTERED,
+        };
+        telemetry::record_consumed(counter, self.adapter, &self.group);
         done
     }
 
@@ -258,7 +263,11 @@ impl ConsumePath {
                     error = %e,
                     "dead-letter destination unavailable; message kept for a later attempt"
                 );
-                telemetry::record_dead_letter_failed(self.adapter, &self.group);
+                telemetry::record_consumed(
+                    telemetry::DEAD_LETTER_FAILED,
+                    self.adapter,
+                    &self.group,
+                );
                 let after = self.retry.max_backoff;
                 self.redeliver(message, after, attempts.saturating_add(1), settle)
                     .await
@@ -328,16 +337,6 @@ pub(crate) async fn run_handler(
         Ok(Ok(outcome)) => Ok(outcome),
         Ok(Err(e)) => Err(HandlerFailure::Error(e.to_string())),
         Err(panic) => Err(HandlerFailure::Panic(panic_text(&panic))),
-    }
-}
-
-pub(crate) fn panic_text(panic: &Box<dyn Any + Send>) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic".to_owned()
     }
 }
 

@@ -11,6 +11,11 @@
 //! - [`redrive`]: implement [`DeadLetterLog`] (scan and remove); [`DeadLetterQueue`]
 //!   lists and re-drives.
 //!
+//! - The message builders and runners adapters share: [`dead_letter_message`],
+//!   [`redrive_message`], [`header_safe`], [`validate_destination`], and
+//!   [`run_local_transaction`] / [`run_check_back`], which turn a panic in application code
+//!   into `Unknown` inside their spans.
+//!
 //! Refusing unsupported calls is not an adapter's job either: `crate::CapabilityCheck`
 //! does it in front of every adapter.
 
@@ -18,6 +23,9 @@ pub mod consume;
 pub mod publish;
 pub mod redrive;
 
+pub use crate::dead_letter::{MAX_REASON_LEN, dead_letter_message, header_safe, redrive_message};
+pub use crate::message::validate_destination;
+pub use crate::transaction::{run_check_back, run_local_transaction};
 pub use consume::{ConsumePath, Disposition, Settle};
 pub use publish::{Publish, PublishPath, Sender};
 pub use redrive::{DeadLetterLog, DeadLetterPass, DeadLetterQueue, PassScope, StoredDeadLetter};
