@@ -27,8 +27,8 @@
 //! `postgres` and `sqlite` both enable the `sql` module; for now the workspace's sqlx
 //! dependency compiles both database drivers whichever one is chosen.
 //!
-//! The features are additive: any combination compiles (`tests/features.rs` checks each
-//! one alone and all together). Switching broker is one feature and one URL:
+//! The features are additive: any combination compiles (`scripts/test` checks the crate
+//! with each one alone; the workspace build has them all together). Switching broker is one feature and one URL:
 //!
 //! ```toml
 //! surety = { version = "0.1", default-features = false, features = ["kafka", "postgres"] }
