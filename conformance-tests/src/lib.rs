@@ -12,6 +12,7 @@
 mod cases;
 pub mod fault_proxy;
 pub mod faults;
+mod harness;
 mod report;
 pub mod runner;
 mod support;
@@ -21,6 +22,7 @@ use std::time::Duration;
 
 pub use cases::{CASES, Case};
 pub use fault_proxy::{FaultProxy, ProxyOptions};
+pub use harness::{run, runtime};
 pub use report::{Report, Row, Verdict};
 pub use support::{Collector, Ledger, unique_name};
 use surety_core::Broker;
