@@ -69,6 +69,12 @@ pub fn quiet_deliberate_panics() {
     }));
 }
 
+/// The PostgreSQL of `SURETY_POSTGRES_URL`, or the test database `scripts/brokers` starts.
+pub fn postgres_url() -> String {
+    std::env::var("SURETY_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://surety:surety@127.0.0.1:5432/surety".into())
+}
+
 /// `broker` with `send_in_transaction` from the prepared-message store in `store` (which
 /// must be migrated), the way an application on RabbitMQ or Kafka gets half messages.
 /// Check and poll intervals are short so that check-back cases finish in seconds.

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use surety_conformance::runner::adapters_from_env;
+use surety_conformance::runner::{adapters_from_env, postgres_url};
 use surety_conformance::{Fixture, runtime};
 use surety_core::Broker;
 use surety_memory::{MemoryBroker, MemoryConfig};
@@ -19,8 +19,7 @@ use surety_sql::{SqlStore, StoreConfig, TableNames};
 /// from the prepared-message store of `surety-sql` on the test PostgreSQL, the way an
 /// application gets it. Every other operation goes straight to the adapter.
 fn with_sql_half_messages(broker: Arc<dyn Broker>) -> Result<Arc<dyn Broker>, String> {
-    let url = std::env::var("SURETY_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://surety:surety@127.0.0.1:5432/surety".into());
+    let url = postgres_url();
     let store = runtime()
         .block_on(SqlStore::connect(
             &url,

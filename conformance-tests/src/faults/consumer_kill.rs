@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use surety_core::{Delivery, Handler, HandlerError, Message, MessageId, Outcome, Subscription};
 
+use super::harness::KILL_MESSAGES;
+use super::pg::PgInboxEffects;
 use super::{EffectStore, FaultRow, declare, fail, fast_retry, publish_confirmed, stop, subscribe};
 use crate::Fixture;
 use crate::support::wait_until;
@@ -183,4 +185,12 @@ pub async fn kill_before_ack(
     }
     row.note = format!("killed with {hung} unacked after their effect; inbox absorbed {absorbed}");
     Ok(row)
+}
+
+/// Runs [`kill_before_ack`] with the effects in a PostgreSQL inbox of its own.
+pub(super) async fn run_kill(adapter: &str, f: &Fixture) -> Result<FaultRow, String> {
+    let effects = Arc::new(PgInboxEffects::create().await?);
+    let row = kill_before_ack(adapter, f, effects.clone(), KILL_MESSAGES).await;
+    effects.drop_tables().await;
+    row
 }

@@ -7,11 +7,14 @@
 //! scenario saw a contract broken on the way (a false success, a non-retryable error
 //! where a retry must help, a poison message that never reached its dead letters).
 //!
-//! Scenarios that need a database (the inbox) take an [`EffectStore`], so this crate
-//! does not depend on `surety-sql`; the runner in `tests/faults.rs` supplies it, and
-//! builds the scenarios that need `surety-sql` itself (the relay killed mid-batch, the
-//! producer killed between half message and commit) from the pieces here
-//! ([`DyingConsumer::inbox`], [`subscribe_inbox`], [`setup`]).
+//! One file per scenario family: `restart.rs` (1), `network.rs` (2 and 7: cut and stall
+//! through a [`FaultProxy`](crate::FaultProxy)), `relay_kill.rs` (3), `consumer_kill.rs`
+//! (4), `producer_kill.rs` (5), `poison.rs` (6), `bad_input.rs`. Scenarios with effects
+//! apply them through an [`EffectStore`]; the runner gives them `surety-sql`'s inbox on
+//! PostgreSQL (`pg.rs`). `children.rs` runs the relay and producer processes that
+//! scenarios 3 and 5 kill; `harness.rs` is the runner ([`run`]) and
+//! `guarantees.rs` writes `docs/guarantees.md`. What a runner supplies per adapter is
+//! a [`FaultAdapter`]: its fixture, its proxied set-up and its restart.
 //!
 //! Every await on a client that a fault may leave hanging is bounded ([`setup`],
 //! [`PUBLISH_HANG_LIMIT`], the consumer's shutdown limit), so a hang becomes a failing
@@ -30,14 +33,23 @@ use crate::Fixture;
 use crate::support::unique_name;
 
 mod bad_input;
+mod children;
 mod consumer_kill;
+mod guarantees;
+mod harness;
 mod network;
+mod pg;
 mod poison;
+mod producer_kill;
+mod relay_kill;
 mod restart;
 
 pub use bad_input::bad_input;
 pub use consumer_kill::{DyingConsumer, kill_before_ack};
-pub use network::{NetworkFault, PUBLISH_HANG_LIMIT, network_fault_during_confirmed_sends};
+pub use harness::{FaultAdapter, SCENARIOS, run};
+pub use network::{
+    NetworkFault, PUBLISH_HANG_LIMIT, network_fault_during_confirmed_sends, resolve, start_proxy,
+};
 pub use poison::poison_stream;
 pub use restart::{RESTART, RESTART_PUBLISH_LIMIT, broker_restart};
 
@@ -250,9 +262,9 @@ async fn subscribe(
     setup("subscribe", subscriber.subscribe(subscription, handler)).await
 }
 
-/// Subscribes `handler` to `destination` in `group` with fast retries: for runners that
-/// build their own scenarios (relay and producer kills).
-pub async fn subscribe_inbox(
+/// Subscribes `handler` to `destination` in `group` with fast retries: the inbox consumer
+/// of the scenarios with effects (restart, relay and producer kills).
+async fn subscribe_inbox(
     f: &Fixture,
     destination: &str,
     group: &str,
@@ -266,16 +278,6 @@ pub async fn subscribe_inbox(
         handler,
     )
     .await
-}
-
-/// Declares a fresh destination with one group; returns `(destination, group)`.
-pub async fn declare_fresh(f: &Fixture, what: &str) -> Result<(String, String), String> {
-    declare(f, what).await
-}
-
-/// Shuts a subscription down within `SHUTDOWN_LIMIT` (30 s), or says that it hung.
-pub async fn stop_consumer(handle: SubscriptionHandle) -> Result<(), String> {
-    stop(handle).await
 }
 
 /// Whether `e` is what a failed publish may say when the broker or the connection is in
@@ -325,4 +327,21 @@ async fn publish_confirmed(
         }
     }
     (confirmed, problems)
+}
+
+/// Waits until `done()` holds or `timeout` passes; asks once more at the end.
+async fn faults_wait(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    done()
+}
+
+/// Shuts a subscription down on a path that already failed.
+async fn stop_quietly(handle: SubscriptionHandle) {
+    let _ = stop(handle).await;
 }

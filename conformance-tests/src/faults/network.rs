@@ -1,14 +1,15 @@
 //! Scenarios 2 and 7: the connection cut, or stalled, during confirmed sends.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use surety_core::{Message, MessageId, Subscription};
 
-use super::{FaultRow, acceptable_transient, declare, setup, stop, subscribe};
+use super::{FaultAdapter, FaultRow, acceptable_transient, declare, setup, stop, subscribe};
 use crate::Fixture;
-use crate::fault_proxy::FaultProxy;
+use crate::fault_proxy::{FaultProxy, ProxyOptions};
 use crate::support::{Collector, wait_until};
 
 /// How long one publish may take before the scenario calls it hung: well above the
@@ -267,4 +268,69 @@ pub async fn network_fault_during_confirmed_sends(
         }
     );
     Ok(row)
+}
+
+/// Runs `fault` on the adapter connected through its fault proxies
+/// ([`FaultAdapter::proxied`]); `target`'s own fixture is the direct connection.
+pub(super) async fn run_network_fault(
+    adapter: &str,
+    target: &FaultAdapter,
+    n: usize,
+    fault: NetworkFault,
+) -> Result<FaultRow, String> {
+    let direct = &target.fixture;
+    if target.in_process {
+        return Ok(FaultRow::not_run(
+            fault.scenario(),
+            adapter,
+            "in-process broker: there is no connection to cut",
+        ));
+    }
+    let Some(proxied) = &target.proxied else {
+        return Err(format!("no proxied set-up for {adapter}"));
+    };
+    let (broker, proxies) = proxied().await?;
+    let proxied = Fixture::new(broker)
+        .quiet_period(direct.quiet_period)
+        .delivery_timeout(direct.delivery_timeout);
+    // Cuts hit the consumers too (they must reconnect and the unacked deliveries come
+    // again); a stall is measured on the publisher alone.
+    let consumer = match fault {
+        NetworkFault::Cut { .. } => &proxied,
+        NetworkFault::Stall { .. } => direct,
+    };
+    let refs: Vec<&FaultProxy> = proxies.iter().collect();
+    let mut row =
+        network_fault_during_confirmed_sends(adapter, &proxied, consumer, &refs, n, fault).await?;
+    // The scenario means something only if the client's traffic went through every proxy
+    // (not around it, to an address the broker advertised).
+    for p in &proxies {
+        if p.accepted_connections() == 0 {
+            row.failures.push(format!(
+                "no connection went through the proxy on {}: the client bypassed it",
+                p.addr()
+            ));
+        }
+    }
+    Ok(row)
+}
+
+/// Resolves `host:port`, for a proxy's upstream or listening address.
+pub async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("resolve {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr} resolves to nothing"))
+}
+
+/// Starts a [`FaultProxy`] forwarding to `upstream` (`host:port`) as `options` say.
+pub async fn start_proxy(upstream: &str, options: ProxyOptions) -> Result<FaultProxy, String> {
+    let listen = options.listen;
+    FaultProxy::start_with(resolve(upstream).await?, options)
+        .await
+        .map_err(|e| match listen {
+            Some(at) => format!("start the fault proxy on {at}: {e}"),
+            None => format!("start the fault proxy: {e}"),
+        })
 }

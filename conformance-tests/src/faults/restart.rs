@@ -6,6 +6,9 @@ use std::time::{Duration, Instant};
 
 use surety_core::{Message, MessageId};
 
+use super::FaultAdapter;
+use super::harness::RESTART_MESSAGES;
+use super::pg::PgInboxEffects;
 use super::{
     DyingConsumer, EffectStore, FaultRow, acceptable_transient, declare, setup, stop,
     subscribe_inbox,
@@ -178,4 +181,30 @@ where
         n - confirmed.len(),
     );
     Ok(row)
+}
+
+/// Runs [`broker_restart`] with the adapter's restart ([`FaultAdapter::restart`]) and the
+/// effects in a PostgreSQL inbox of its own.
+pub(super) async fn run_restart(adapter: &str, target: &FaultAdapter) -> Result<FaultRow, String> {
+    if target.in_process {
+        return Ok(FaultRow::not_run(
+            RESTART,
+            adapter,
+            "in-process broker: a restart would be a new, empty broker",
+        ));
+    }
+    let Some(restart) = &target.restart else {
+        return Err(format!("no restart set-up for {adapter}"));
+    };
+    let effects = Arc::new(PgInboxEffects::create().await?);
+    let row = broker_restart(
+        adapter,
+        &target.fixture,
+        effects.clone(),
+        RESTART_MESSAGES,
+        restart(),
+    )
+    .await;
+    effects.drop_tables().await;
+    row
 }
