@@ -6,6 +6,11 @@
 //! Without `SURETY_ADAPTERS`: `memory` plus every adapter whose broker answers; the run
 //! says which it skipped and why. Named adapters that cannot run fail the run.
 
+#[cfg(not(feature = "sql"))]
+compile_error!(
+    "this runner gives RabbitMQ and Kafka half messages through the `sql` feature (on by default)"
+);
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -25,6 +25,9 @@
 //! Broker restarts run `scripts/brokers restart <name>` and disturb everything else on
 //! that broker: run this binary alone.
 
+#[cfg(not(feature = "faults"))]
+compile_error!("the fault runner needs the `faults` feature of surety-conformance (on by default)");
+
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
