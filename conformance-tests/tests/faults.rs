@@ -33,9 +33,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use surety_conformance::faults::{self, FaultAdapter, resolve, start_proxy};
-use surety_conformance::{FaultProxy, Fixture, ProxyOptions, runtime};
-use surety_core::Broker;
+use surety_conformance::faults::{self, FaultAdapter, Proxied, resolve, start_proxy};
+use surety_conformance::{Fixture, ProxyOptions, runtime};
 use surety_memory::MemoryBroker;
 
 /// Kafka's fault listener and the address it advertises (see `scripts/brokers`).
@@ -133,7 +132,7 @@ fn adapter(name: &str) -> Result<FaultAdapter, String> {
 }
 
 /// RabbitMQ through one proxy in front of the address of its URL.
-async fn rabbitmq_proxied() -> Result<(Arc<dyn Broker>, Vec<FaultProxy>), String> {
+async fn rabbitmq_proxied() -> Result<Proxied, String> {
     let config = rabbit_config()?;
     let proxy = start_proxy(&host_port(&config.url)?, ProxyOptions::default()).await?;
     let mut proxied_config = config.clone();
@@ -145,7 +144,7 @@ async fn rabbitmq_proxied() -> Result<(Arc<dyn Broker>, Vec<FaultProxy>), String
 }
 
 /// Kafka through a proxy on the address its `FAULTS` listener advertises.
-async fn kafka_proxied() -> Result<(Arc<dyn Broker>, Vec<FaultProxy>), String> {
+async fn kafka_proxied() -> Result<Proxied, String> {
     let proxy = start_proxy(
         KAFKA_FAULTS_LISTENER,
         ProxyOptions {
@@ -167,7 +166,7 @@ async fn kafka_proxied() -> Result<(Arc<dyn Broker>, Vec<FaultProxy>), String> {
 
 /// RocketMQ through a name-server proxy that names a proxied broker address, and that
 /// second proxy.
-async fn rocketmq_proxied() -> Result<(Arc<dyn Broker>, Vec<FaultProxy>), String> {
+async fn rocketmq_proxied() -> Result<Proxied, String> {
     let direct = surety_rocketmq::RocketMqConfig::from_env();
     let broker_proxy = start_proxy(
         ROCKETMQ_BROKER,

@@ -22,6 +22,7 @@ pub(super) const CHILD_COUNT: &str = "SURETY_FAULTS_CHILD_COUNT";
 /// A child that outlives this is an orphan of a dead parent: it exits.
 const CHILD_LIFETIME: Duration = Duration::from_secs(180);
 
+/// A variable the parent set for the child, or why the child cannot run.
 pub(super) fn child_env(name: &str) -> Result<String, String> {
     std::env::var(name).map_err(|_| format!("{name} is not set"))
 }

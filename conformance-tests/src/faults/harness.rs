@@ -66,6 +66,9 @@ const SCENARIO_LIMIT: Duration = Duration::from_secs(300);
 
 type SetUp<T> = Arc<dyn Fn() -> BoxFuture<'static, Result<T, String>> + Send + Sync>;
 
+/// An adapter connected through fault proxies, and every proxy its traffic passes.
+pub type Proxied = (Arc<dyn Broker>, Vec<FaultProxy>);
+
 /// What the fault scenarios need from one adapter besides its [`Fixture`]: whether its
 /// broker lives in this process, how to reach it through fault proxies, and how to
 /// restart it. A scenario the adapter gives no set-up for fails saying so; one that
@@ -74,7 +77,7 @@ type SetUp<T> = Arc<dyn Fn() -> BoxFuture<'static, Result<T, String>> + Send + S
 pub struct FaultAdapter {
     pub(super) fixture: Fixture,
     pub(super) in_process: bool,
-    pub(super) proxied: Option<SetUp<(Arc<dyn Broker>, Vec<FaultProxy>)>>,
+    pub(super) proxied: Option<SetUp<Proxied>>,
     pub(super) restart: Option<SetUp<()>>,
 }
 
@@ -105,7 +108,7 @@ impl FaultAdapter {
     pub fn proxied<F, Fut>(mut self, connect: F) -> Self
     where
         F: Fn() -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(Arc<dyn Broker>, Vec<FaultProxy>), String>> + Send + 'static,
+        Fut: Future<Output = Result<Proxied, String>> + Send + 'static,
     {
         self.proxied = Some(Arc::new(move || Box::pin(connect())));
         self

@@ -46,7 +46,7 @@ mod restart;
 
 pub use bad_input::bad_input;
 pub use consumer_kill::{DyingConsumer, kill_before_ack};
-pub use harness::{FaultAdapter, SCENARIOS, run};
+pub use harness::{FaultAdapter, Proxied, SCENARIOS, run};
 pub use network::{
     NetworkFault, PUBLISH_HANG_LIMIT, network_fault_during_confirmed_sends, resolve, start_proxy,
 };
