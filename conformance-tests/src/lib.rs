@@ -52,7 +52,7 @@
 //! | feature | what it adds | default |
 //! |---|---|---|
 //! | `sql` | `runner::with_sql_half_messages`: half messages from `surety-sql`'s prepared-message store, for brokers without their own | yes |
-//! | `fault-proxy` | [`FaultProxy`]: a loopback TCP proxy that cuts, stalls, refuses or drops connections | yes |
+//! | `fault-proxy` | `FaultProxy`: a loopback TCP proxy that cuts, stalls, refuses or drops connections | yes |
 //! | `faults` | the `faults` module: the fault scenarios and their runner (needs PostgreSQL; implies `sql` and `fault-proxy`) | yes |
 //!
 //! # Layout
