@@ -5,13 +5,71 @@
 //! "not supported", never "pass". Cases use fresh destination and group names, so runs
 //! do not see each other's messages. [`Report`] renders the guarantee matrix.
 //!
-//! An adapter plugs in by building a [`Fixture`] around its [`Broker`]; see
-//! `tests/conformance.rs` for the runner.
+//! An adapter plugs in by building a [`Fixture`] around its [`Broker`]; [`run`] turns
+//! every case into a trial per adapter and prints the matrix.
+//!
+//! # Running the suite against your own adapter
+//!
+//! An adapter outside this repository runs the same cases from a test of its own, with
+//! no database and no fault tooling:
+//!
+//! ```toml
+//! [dev-dependencies]
+//! surety-conformance = { version = "0.1", default-features = false }
+//!
+//! [[test]]
+//! name = "conformance"
+//! harness = false
+//! ```
+//!
+//! ```no_run
+//! // tests/conformance.rs
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
+//! use surety_conformance::{Fixture, runtime};
+//! # mod my_adapter {
+//! #     pub async fn connect() -> surety_core::Result<surety_memory::MemoryBroker> {
+//! #         Ok(surety_memory::MemoryBroker::new())
+//! #     }
+//! # }
+//!
+//! fn main() -> std::process::ExitCode {
+//!     // Connect on the suite's runtime: a client may keep tasks on it.
+//!     let broker = runtime().block_on(my_adapter::connect()).expect("my broker answers");
+//!     let fixture = Fixture::new(Arc::new(broker)).quiet_period(Duration::from_secs(1));
+//!     surety_conformance::run(&[("my-broker".to_owned(), fixture)])
+//! }
+//! ```
+//!
+//! `cargo test --test conformance` then runs one trial per case (`my-broker::<case>`),
+//! with libtest's filters and `--list`; a case whose capabilities the broker lacks is an
+//! ignored trial saying what it needs. As object_store runs its exported suite against
+//! its in-memory store, this workspace runs it against `surety-memory` on every run.
+//!
+//! # Features
+//!
+//! | feature | what it adds | default |
+//! |---|---|---|
+//! | `sql` | `runner::with_sql_half_messages`: half messages from `surety-sql`'s prepared-message store, for brokers without their own | yes |
+//! | `fault-proxy` | `FaultProxy`: a loopback TCP proxy that cuts, stalls, refuses or drops connections | yes |
+//! | `faults` | the `faults` module: the fault scenarios and their runner (needs PostgreSQL; implies `sql` and `fault-proxy`) | yes |
+//!
+//! # Layout
+//!
+//! `cases/` holds the cases, one file per topic, and the steps they share; `harness.rs`
+//! is [`run`]; `report.rs` the matrix; `support.rs` the recording handler and ledger;
+//! `runner.rs` what every runner shares (adapters from `SURETY_ADAPTERS`, hiding
+//! deliberate panics). `faults/` holds the fault scenarios and their runner. The test
+//! binaries in `tests/` only build this workspace's adapters.
 #![deny(missing_docs)]
 
 mod cases;
+#[cfg(feature = "fault-proxy")]
 pub mod fault_proxy;
+#[cfg(feature = "faults")]
 pub mod faults;
+mod harness;
 mod report;
 pub mod runner;
 mod support;
@@ -20,7 +78,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use cases::{CASES, Case};
+#[cfg(feature = "fault-proxy")]
 pub use fault_proxy::{FaultProxy, ProxyOptions};
+pub use harness::{run, runtime};
 pub use report::{Report, Row, Verdict};
 pub use support::{Collector, Ledger, unique_name};
 use surety_core::Broker;

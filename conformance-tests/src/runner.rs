@@ -1,14 +1,11 @@
 //! What every runner of the suite shares (the conformance and fault binaries, and
 //! `surety verify`): which adapters to run, the panics cases raise on purpose, and
-//! store-backed half messages for the brokers that have none of their own.
-
-use std::sync::Arc;
-use std::time::Duration;
-
-use surety_core::Broker;
-use surety_sql::{CheckerConfig, RelayConfig, SqlStore, WithSqlHalfMessages};
+//! (feature `sql`) store-backed half messages for the brokers that have none of their own.
 
 use crate::DELIBERATE_PANIC;
+
+#[cfg(feature = "sql")]
+pub use sql::{postgres_url, with_sql_half_messages};
 
 /// The adapters a runner knows, in the order of the matrix.
 pub const ADAPTERS: &[&str] = &["memory", "rabbitmq", "kafka", "rocketmq"];
@@ -69,19 +66,35 @@ pub fn quiet_deliberate_panics() {
     }));
 }
 
-/// `broker` with `send_in_transaction` from the prepared-message store in `store` (which
-/// must be migrated), the way an application on RabbitMQ or Kafka gets half messages.
-/// Check and poll intervals are short so that check-back cases finish in seconds.
-pub fn with_sql_half_messages(broker: Arc<dyn Broker>, store: SqlStore) -> Arc<dyn Broker> {
-    let checker = CheckerConfig {
-        check_timeout: Duration::from_secs(2),
-        check_interval: Duration::from_millis(500),
-        poll_interval: Duration::from_millis(200),
-        ..CheckerConfig::default()
-    };
-    let relay = RelayConfig {
-        poll_interval: Duration::from_millis(100),
-        ..RelayConfig::default()
-    };
-    Arc::new(WithSqlHalfMessages::new(broker, store, checker, relay))
+/// The runner's use of `surety-sql`, only with the `sql` feature.
+#[cfg(feature = "sql")]
+mod sql {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use surety_core::Broker;
+    use surety_sql::{CheckerConfig, RelayConfig, SqlStore, WithSqlHalfMessages};
+
+    /// The PostgreSQL of `SURETY_POSTGRES_URL`, or the test database `scripts/brokers` starts.
+    pub fn postgres_url() -> String {
+        std::env::var("SURETY_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://surety:surety@127.0.0.1:5432/surety".into())
+    }
+
+    /// `broker` with `send_in_transaction` from the prepared-message store in `store` (which
+    /// must be migrated), the way an application on RabbitMQ or Kafka gets half messages.
+    /// Check and poll intervals are short so that check-back cases finish in seconds.
+    pub fn with_sql_half_messages(broker: Arc<dyn Broker>, store: SqlStore) -> Arc<dyn Broker> {
+        let checker = CheckerConfig {
+            check_timeout: Duration::from_secs(2),
+            check_interval: Duration::from_millis(500),
+            poll_interval: Duration::from_millis(200),
+            ..CheckerConfig::default()
+        };
+        let relay = RelayConfig {
+            poll_interval: Duration::from_millis(100),
+            ..RelayConfig::default()
+        };
+        Arc::new(WithSqlHalfMessages::new(broker, store, checker, relay))
+    }
 }
