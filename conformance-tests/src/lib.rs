@@ -59,6 +59,7 @@
 //!
 //! `cases/` holds the cases, one file per topic, and the steps they share; `harness.rs`
 //! is [`run`]; `report.rs` the matrix; `support.rs` the recording handler and ledger;
+//! `recorder.rs` the metrics recorder of the metrics case;
 //! `runner.rs` what every runner shares (adapters from `SURETY_ADAPTERS`, hiding
 //! deliberate panics). `faults/` holds the fault scenarios and their runner. The test
 //! binaries in `tests/` only build this workspace's adapters.
@@ -70,6 +71,7 @@ pub mod fault_proxy;
 #[cfg(feature = "faults")]
 pub mod faults;
 mod harness;
+mod recorder;
 mod report;
 pub mod runner;
 mod support;

@@ -20,6 +20,7 @@ macro_rules! ensure {
 
 mod consuming;
 mod dead_letters;
+mod metrics;
 mod publishing;
 mod steps;
 mod transactions;
@@ -32,6 +33,7 @@ use dead_letters::{
     dead_letter_unavailable_keeps_message, dead_letters_listed_and_redriven,
     reject_dead_letters_at_once, retry_then_dead_letter,
 };
+use metrics::metrics_recorded;
 use publishing::{
     batch_reports_each_message, confirm_then_consume, duplicate_detectable_by_id,
     invalid_message_is_rejected, oneway_publish, unroutable_is_an_error,
@@ -89,4 +91,5 @@ pub static CASES: &[Case] = &[
     case!(check_back_resolves_unknown, "Unknown (or a panicking local transaction) is resolved by the check-back, both ways", [HalfMessages]),
     case!(check_back_after_producer_dies, "a new producer of the group answers the check-back of a producer that died", [HalfMessages]),
     case!(broker_transaction_is_atomic, "a broker transaction delivers all its messages on commit and none on abort", [BrokerTransactions]),
+    case!(metrics_recorded, "publishes, confirms, failures, deliveries, retries and dead letters are counted under the documented names and labels", [DeadLetter]),
 ];
