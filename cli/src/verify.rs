@@ -183,7 +183,8 @@ async fn fixture(
                 Fixture::new(broker)
                     .quiet_period(Duration::from_secs(2))
                     .check_back_timeout(Duration::from_secs(40))
-                    .settled_check_backs(true),
+                    .settled_check_backs(true)
+                    .redrive_leaves_copies_behind(true),
             ))
         }
         _ => Err(Error::new(

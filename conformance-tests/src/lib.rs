@@ -103,6 +103,11 @@ pub struct Fixture {
     /// oneway, and the broker's check can run before it arrives). The check-back must
     /// then answer as the local transaction decided, and the outcome must not change.
     pub settled_check_backs: bool,
+    /// Whether a re-drive can leave a copy of a re-driven message listed: on a log whose
+    /// re-drive cursor moves over a prefix only (RocketMQ's `%DLQ%` consume offset), a
+    /// second copy of the message behind an entry that stays is still there. Every other
+    /// adapter removes every copy.
+    pub redrive_leaves_copies_behind: bool,
 }
 
 impl Fixture {
@@ -114,6 +119,7 @@ impl Fixture {
             quiet_period: Duration::from_secs(2),
             check_back_timeout: Duration::from_secs(60),
             settled_check_backs: false,
+            redrive_leaves_copies_behind: false,
         }
     }
 
@@ -138,6 +144,12 @@ impl Fixture {
     /// Says that the broker may ask the check-back about settled transactions.
     pub fn settled_check_backs(mut self, possible: bool) -> Self {
         self.settled_check_backs = possible;
+        self
+    }
+
+    /// Says that a re-drive may leave a copy of a re-driven message listed.
+    pub fn redrive_leaves_copies_behind(mut self, possible: bool) -> Self {
+        self.redrive_leaves_copies_behind = possible;
         self
     }
 }

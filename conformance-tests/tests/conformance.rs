@@ -89,7 +89,8 @@ fn fixture(adapter: &str) -> Result<Fixture, String> {
             Ok(Fixture::new(Arc::new(broker))
                 .quiet_period(Duration::from_secs(2))
                 .check_back_timeout(Duration::from_secs(40))
-                .settled_check_backs(true))
+                .settled_check_backs(true)
+                .redrive_leaves_copies_behind(true))
         }
         other => Err(format!(
             "unknown adapter {other:?}; expected one of {}",
