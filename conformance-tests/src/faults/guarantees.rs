@@ -47,7 +47,7 @@ pub(super) fn write_guarantees(
          - **messages**: messages the scenario published (or tried to).\n\
          - **lost**: messages whose publish returned `Ok` (or that had to be dead-lettered) and that no consumer ever saw. Must be 0.\n\
          - **applied twice**: effects applied more than once behind `surety-sql`'s inbox on PostgreSQL. Must be 0.\n\
-         - **delivered twice**: deliveries beyond the first for one id. Expected after an unknown publish outcome is retried or a consumer dies before its ack; the message id (and the inbox) absorbs them.\n\
+         - **delivered twice**: deliveries beyond the first for one id. Expected after an unknown publish outcome is retried, a consumer dies before its ack, or RocketMQ checks a half message again before it sees the first answer (one extra delivery per extra commit answer, asserted; see docs/rocketmq-interop.md); the message id (and the inbox) absorbs them.\n\
          - **dead-lettered**: distinct poison messages read back from the broker's dead-letter destination.\n\
          - **recovery**: from the fault until the client worked again (restart: first confirm after the broker was back, measured from the start of the restart; cut and stall: first successful publish begun after a cut or after the end of a stall; killed consumer, relay or producer: all effects applied).\n\n\
          ## Scenarios\n\n\
