@@ -54,6 +54,10 @@ use crate::shared::Shared;
 /// this backstop only applies when Surety could neither dead-letter nor requeue.
 const BROKER_BACKSTOP: u32 = 16;
 
+/// How long a stopping subscription lets in-flight handlers settle before the client is
+/// shut down (what is unsettled then is delivered again).
+const STOP_DRAIN: Duration = Duration::from_secs(30);
+
 /// Starts push consumers on the broker.
 pub(crate) struct RocketMqSubscriber {
     shared: Arc<Shared>,
@@ -158,6 +162,11 @@ impl Runner {
             .publish_to(message, &retry_topic, &extra)
             .await
             .map(|_| ())
+    }
+
+    /// Deliveries handed to a handler and not yet answered to the client.
+    fn in_flight(&self) -> usize {
+        self.inflight.lock().unwrap().len()
     }
 
     fn abort_inflight(&self) {
@@ -359,6 +368,16 @@ impl Subscriber for RocketMqSubscriber {
                 }
             }
             guard.runner.stopped.store(true, Ordering::SeqCst);
+            // Handlers already running settle while the client still owns its queues: a
+            // result that arrives after the client dropped a queue at shutdown is not
+            // recorded, and the message comes back with the attempt count it had (seen
+            // once under load: a retried message redelivered as the same attempt).
+            let deadline = tokio::time::Instant::now() + STOP_DRAIN;
+            while guard.runner.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // The client records a result right after the listener returns it.
+            tokio::time::sleep(Duration::from_millis(200)).await;
             if let Some(mut consumer) = guard.consumer.take() {
                 let _ = tokio::time::timeout(Duration::from_secs(40), consumer.shutdown()).await;
             }
