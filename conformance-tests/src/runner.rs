@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use surety_core::Broker;
-use surety_sql::{CheckerConfig, RelayConfig, SqlStore, WithSqlHalfMessages};
+use surety_sql::{Backend, CheckerConfig, RelayConfig, SqlStore, WithSqlHalfMessages};
 
 use crate::DELIBERATE_PANIC;
 
@@ -72,7 +72,10 @@ pub fn quiet_deliberate_panics() {
 /// `broker` with `send_in_transaction` from the prepared-message store in `store` (which
 /// must be migrated), the way an application on RabbitMQ or Kafka gets half messages.
 /// Check and poll intervals are short so that check-back cases finish in seconds.
-pub fn with_sql_half_messages(broker: Arc<dyn Broker>, store: SqlStore) -> Arc<dyn Broker> {
+pub fn with_sql_half_messages<DB: Backend>(
+    broker: Arc<dyn Broker>,
+    store: SqlStore<DB>,
+) -> Arc<dyn Broker> {
     let checker = CheckerConfig {
         check_timeout: Duration::from_secs(2),
         check_interval: Duration::from_millis(500),

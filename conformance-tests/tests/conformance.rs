@@ -12,7 +12,7 @@ use surety_conformance::runner::{adapters_from_env, quiet_deliberate_panics};
 use surety_conformance::{CASES, Fixture, Report, Verdict};
 use surety_core::{Broker, CapabilityCheck};
 use surety_memory::{MemoryBroker, MemoryConfig};
-use surety_sql::{SqlStore, StoreConfig, TableNames};
+use surety_sql::{PgStore, StoreConfig, TableNames};
 
 static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
     tokio::runtime::Builder::new_multi_thread()
@@ -30,7 +30,7 @@ fn with_sql_half_messages(broker: Arc<dyn Broker>) -> Result<Arc<dyn Broker>, St
     let url = std::env::var("SURETY_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://surety:surety@127.0.0.1:5432/surety".into());
     let store = RUNTIME
-        .block_on(SqlStore::connect(
+        .block_on(PgStore::connect(
             &url,
             StoreConfig::default().tables(TableNames::prefixed("conformance")),
         ))

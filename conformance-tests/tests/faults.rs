@@ -40,8 +40,8 @@ use surety_core::{
 };
 use surety_memory::MemoryBroker;
 // Table names below are built from a fixed word and a random hex number only.
-use surety_sql::sqlx::{self, AssertSqlSafe, PgConnection, PgPool, Row};
-use surety_sql::{EntryState, Relay, RelayConfig, SqlStore, StoreConfig, TableNames};
+use surety_sql::sqlx::{self, AssertSqlSafe, PgPool, Row};
+use surety_sql::{EntryState, PgStore, Relay, RelayConfig, StoreConfig, TableNames};
 
 static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
     tokio::runtime::Builder::new_multi_thread()
@@ -192,7 +192,7 @@ fn fixture(adapter: &str) -> Result<Fixture, String> {
 /// Effects as rows of a table of their own, each written in the inbox's transaction on
 /// PostgreSQL, so a row per id counts how often the effect was applied.
 struct PgInboxEffects {
-    store: SqlStore,
+    store: PgStore,
     prefix: String,
     effects_table: String,
 }
@@ -200,7 +200,7 @@ struct PgInboxEffects {
 impl PgInboxEffects {
     async fn create() -> Result<Self, String> {
         let prefix = format!("faults_{:08x}", rand::random::<u32>());
-        let store = SqlStore::connect(
+        let store = PgStore::connect(
             &postgres_url(),
             StoreConfig::default().tables(TableNames::prefixed(&prefix)),
         )
@@ -208,7 +208,7 @@ impl PgInboxEffects {
         .map_err(|e| format!("cannot reach PostgreSQL (SURETY_POSTGRES_URL): {e}"))?;
         store.migrate().await.map_err(|e| format!("migrate: {e}"))?;
         let effects_table = format!("{prefix}_effects");
-        let pool = store.pg_pool().ok_or("the store is not on PostgreSQL")?;
+        let pool = store.pool();
         sqlx::query(AssertSqlSafe(format!(
             "CREATE TABLE {effects_table} (message_id TEXT NOT NULL, consumer TEXT NOT NULL)"
         )))
@@ -223,16 +223,12 @@ impl PgInboxEffects {
     }
 
     fn pool(&self) -> Result<&PgPool, String> {
-        self.store
-            .pg_pool()
-            .ok_or_else(|| "the store is not on PostgreSQL".to_string())
+        Ok(self.store.pool())
     }
 
     /// Drops the scenario's tables; failures only leave tables behind.
     async fn drop_tables(&self) {
-        let Some(pool) = self.store.pg_pool() else {
-            return;
-        };
+        let pool = self.store.pool();
         let t = &self.store.config().tables;
         let business = format!("{}_business", self.prefix);
         let started = format!("{}_started", self.prefix);
@@ -262,7 +258,7 @@ impl EffectStore for PgInboxEffects {
         let outcome = self
             .store
             .inbox()
-            .process(consumer, message, move |tx: &mut PgConnection| {
+            .process(consumer, message, move |tx| {
                 Box::pin(async move {
                     sqlx::query(AssertSqlSafe(insert))
                         .bind(id)
@@ -282,10 +278,7 @@ impl EffectStore for PgInboxEffects {
     }
 
     async fn applied(&self) -> Result<HashMap<MessageId, usize>, String> {
-        let pool = self
-            .store
-            .pg_pool()
-            .ok_or("the store is not on PostgreSQL")?;
+        let pool = self.store.pool();
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT message_id, COUNT(*) AS n FROM {} GROUP BY message_id",
             self.effects_table
@@ -559,8 +552,8 @@ fn relay_config() -> RelayConfig {
     }
 }
 
-async fn store_for(prefix: &str) -> Result<SqlStore, String> {
-    SqlStore::connect(
+async fn store_for(prefix: &str) -> Result<PgStore, String> {
+    PgStore::connect(
         &postgres_url(),
         StoreConfig::default().tables(TableNames::prefixed(prefix)),
     )
@@ -586,7 +579,7 @@ fn child_relay() -> Result<(), String> {
 
 /// The broker a producer of half messages uses: RabbitMQ and Kafka through the SQL
 /// prepared store (as the conformance runner builds them), RocketMQ natively.
-fn half_message_broker(adapter: &str, inner: Arc<dyn Broker>, store: SqlStore) -> Arc<dyn Broker> {
+fn half_message_broker(adapter: &str, inner: Arc<dyn Broker>, store: PgStore) -> Arc<dyn Broker> {
     match adapter {
         "rabbitmq" | "kafka" => surety_conformance::runner::with_sql_half_messages(inner, store),
         _ => inner,
@@ -607,7 +600,7 @@ fn child_producer() -> Result<(), String> {
     let f = fixture(&adapter)?;
     RUNTIME.block_on(async move {
         let store = store_for(&prefix).await?;
-        let pool = store.pg_pool().ok_or("not PostgreSQL")?.clone();
+        let pool = store.pool().clone();
         let broker = half_message_broker(&adapter, f.broker.clone(), store);
         let unknown = Arc::new(check_back_fn(|_m: Message| async { TxState::Unknown }));
         let publisher = faults::setup(

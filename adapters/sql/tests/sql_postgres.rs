@@ -2,62 +2,62 @@
 
 mod common;
 
-use common::Kind::Postgres;
 use common::scenarios as s;
+use surety_sql::sqlx::Postgres;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commit_publishes_once_and_rollback_never() {
-    s::commit_and_rollback(Postgres).await;
+    s::commit_and_rollback::<Postgres>().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_with_typed_errors() {
-    s::bad_input(Postgres).await;
+    s::bad_input::<Postgres>().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_killed_between_lease_and_mark_sent_loses_nothing() {
-    s::relay_killed_between_lease_and_mark_sent(Postgres).await;
+    s::relay_killed_between_lease_and_mark_sent::<Postgres>().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_shut_down_hands_back_the_batch_leased_ahead() {
-    s::relay_shut_down_hands_back_the_batch_leased_ahead(Postgres).await;
+    s::relay_shut_down_hands_back_the_batch_leased_ahead::<Postgres>().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_destination_goes_dead_and_redrive_publishes() {
-    s::refused_destination_dead_and_redrive(Postgres).await;
+    s::refused_destination_dead_and_redrive::<Postgres>().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbox_applies_each_effect_once() {
-    s::inbox_applies_each_effect_once(Postgres).await;
+    s::inbox_applies_each_effect_once::<Postgres>().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepared_messages_and_check_back() {
-    s::prepared_messages_and_check_back(Postgres).await;
+    s::prepared_messages_and_check_back::<Postgres>().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_read_only_is_a_typed_error_and_loses_nothing() {
-    s::database_read_only(Postgres).await;
+    s::database_read_only::<Postgres>().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_lost_between_confirm_and_mark_sent_publishes_again() {
-    s::database_lost_between_confirm_and_mark_sent(Postgres).await;
+    s::database_lost_between_confirm_and_mark_sent::<Postgres>().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_complete_compensate_once_and_redeliver_when_missing() {
-    s::receipts(Postgres).await;
+    s::receipts::<Postgres>().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_down_is_a_typed_error() {
-    s::database_down(Postgres).await;
+    s::database_down::<Postgres>().await;
 }
 
 use std::collections::HashMap;
@@ -73,7 +73,7 @@ use surety_sql::{EntryState, Relay, RelayConfig};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relays_publish_ten_thousand_rows() {
     const ROWS: usize = 10_000;
-    let f = Fixture::new(common::Kind::Postgres).await;
+    let f = Fixture::<Postgres>::new().await;
     let messages: Vec<Message> = (0..ROWS).map(order).collect();
     for chunk in messages.chunks(1000) {
         f.place_orders(chunk, true).await;
@@ -133,8 +133,8 @@ async fn two_relays_publish_ten_thousand_rows() {
 /// published first; the earlier id, committed after, is not skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_committed_out_of_id_order_are_all_published() {
-    let f = Fixture::new(common::Kind::Postgres).await;
-    let pool = f.store.pg_pool().unwrap();
+    let f = Fixture::<Postgres>::new().await;
+    let pool = f.store.pool();
     let outbox = f.store.outbox();
     let relay = Relay::new(f.store.clone(), f.publisher(), RelayConfig::default());
     let mut published_order = Vec::new();
