@@ -17,8 +17,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use surety::sql::sqlx::{self, AssertSqlSafe, Postgres, Sqlite};
-use surety::sql::{Backend, InboxOutcome, Relay, RelayConfig, SqlStore, StoreConfig, TableNames};
-use surety::{Delivery, Error, ErrorKind, Message, Outcome, Subscription, Topology, handler_fn};
+use surety::sql::{
+    Backend, Inbox, InboxOutcome, Relay, RelayConfig, SqlStore, StoreConfig, TableNames,
+};
+use surety::{Delivery, Error, ErrorKind, Message, Subscription, Topology};
 
 /// The destination and consumer group of the example (on a real broker they persist
 /// between runs, hence names unlikely to clash with an application's).
@@ -127,7 +129,8 @@ where
     }
 
     /// The cart service's effect, in the inbox's transaction: the items it removed.
-    async fn clear_cart(customer: String, tx: &mut DB::Connection) -> Result<u64, Error> {
+    async fn clear_cart(delivery: &Delivery, tx: &mut DB::Connection) -> Result<u64, Error> {
+        let (_, customer): (i64, String) = delivery.message.decode_json()?;
         let removed = sqlx::query("DELETE FROM demo_cart_items WHERE customer = $1 RETURNING item")
             .bind(customer)
             .fetch_all(&mut *tx)
@@ -150,26 +153,24 @@ where
             message.id()
         );
 
-        // 2. The cart service.
+        // 2. The cart service: the inbox decorates its effect into the subscription's
+        //    handler (effect and inbox key in one transaction, duplicates skipped).
         let (seen, mut outcomes) = tokio::sync::mpsc::unbounded_channel();
-        let store = self.store.clone();
         let this_run = message.id().clone();
-        let cart = handler_fn(move |delivery: Delivery| {
-            let (store, seen, this_run) = (store.clone(), seen.clone(), this_run.clone());
-            async move {
-                // A real broker may still hold messages of an earlier run: acknowledge them.
-                if delivery.message.id() != &this_run {
-                    return Ok(Outcome::Ack);
+        let earlier = this_run.clone();
+        let cart = Inbox::handler(&self.store, "cart", move |delivery: &Delivery, tx| {
+            // A real broker may still hold messages of an earlier run: they change nothing.
+            let earlier_run = delivery.message.id() != &earlier;
+            Box::pin(async move {
+                if earlier_run {
+                    return Ok(0);
                 }
-                let (_, customer): (i64, String) = delivery.message.decode_json()?;
-                let outcome = store
-                    .inbox()
-                    .process("cart", &delivery.message, move |tx| {
-                        Box::pin(Self::clear_cart(customer, tx))
-                    })
-                    .await?;
-                let _ = seen.send(outcome);
-                Ok::<_, Fail>(Outcome::Ack)
+                Self::clear_cart(delivery, tx).await
+            })
+        })?
+        .on_outcome(move |delivery, outcome: &InboxOutcome<u64>| {
+            if delivery.message.id() == &this_run {
+                let _ = seen.send(outcome.clone());
             }
         });
         let consumer = broker

@@ -64,6 +64,7 @@ mod config;
 mod entry;
 mod error;
 mod inbox;
+mod inbox_handler;
 mod lease;
 mod outbox;
 mod prepared;
@@ -82,6 +83,7 @@ pub use checker::{CheckExhausted, CheckStats, Checker, CheckerConfig};
 pub use config::{MAX_TABLE_NAME_LEN, StoreConfig, TableNames, validate_table_name};
 pub use entry::{EntryState, OutboxEntry};
 pub use inbox::{Inbox, InboxOutcome, MAX_CONSUMER_NAME_LEN};
+pub use inbox_handler::InboxHandler;
 pub use outbox::Outbox;
 pub use prepared::{PreparedId, PreparedMessages};
 pub use receipts::{

@@ -51,6 +51,11 @@ async fn database_lost_between_confirm_and_mark_sent_publishes_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_handler_applies_once_and_retries_after_an_error() {
+    common::inbox_handler::applies_once_and_retries_after_an_error::<Postgres>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_complete_compensate_once_and_redeliver_when_missing() {
     s::receipts::<Postgres>().await;
 }

@@ -383,4 +383,57 @@ pub fn ids(messages: &[Message]) -> HashSet<MessageId> {
 pub fn is_kind(e: &surety_core::Error, kind: ErrorKind) -> bool {
     e.kind() == kind
 }
+
+/// The `surety_inbox_duplicates_total` increments seen per `group` label. Every test
+/// binary installs one process-wide recorder (the first call installs it); each test reads
+/// its own consumer name, so tests running in parallel do not mix.
+pub fn inbox_duplicates(consumer: &str) -> u64 {
+    use std::sync::atomic::AtomicU64;
+    use std::sync::{LazyLock, Once};
+
+    use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
+
+    static COUNTS: LazyLock<Mutex<HashMap<String, Arc<AtomicU64>>>> = LazyLock::new(Mutex::default);
+    static INSTALL: Once = Once::new();
+
+    struct Duplicates;
+
+    impl metrics::Recorder for Duplicates {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            if key.name() != surety_core::telemetry::INBOX_DUPLICATES {
+                return Counter::noop();
+            }
+            let group = key
+                .labels()
+                .find(|l| l.key() == "group")
+                .map(|l| l.value().to_owned())
+                .unwrap_or_default();
+            let cell = COUNTS.lock().unwrap().entry(group).or_default().clone();
+            Counter::from_arc(cell)
+        }
+
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    INSTALL.call_once(|| {
+        metrics::set_global_recorder(Duplicates).expect("the only recorder of this test binary")
+    });
+    COUNTS
+        .lock()
+        .unwrap()
+        .get(consumer)
+        .map_or(0, |n| n.load(Ordering::SeqCst))
+}
+
+pub mod inbox_handler;
 pub mod scenarios;
