@@ -129,13 +129,13 @@ pub async fn applies_once_and_retries_after_an_error<DB: TestDb>() {
 
     // The observer saw every settled delivery, and nothing for the failed or rejected one.
     let seen_now: Vec<_> = seen.lock().unwrap().drain(..).collect();
-    let expected_before_race = vec![
+    let expected_before_race = [
         (a.id().clone(), InboxOutcome::Applied(1)),
         (a.id().clone(), InboxOutcome::Duplicate),
         (b.id().clone(), InboxOutcome::Applied(2)),
         (b.id().clone(), InboxOutcome::Duplicate),
     ];
-    assert_eq!(seen_now[..4], expected_before_race[..]);
+    assert_eq!(seen_now[..4], expected_before_race);
     let mut race: Vec<_> = seen_now[4..].iter().map(|(_, o)| o.clone()).collect();
     race.sort_by_key(|o| o.is_duplicate());
     assert_eq!(race, [InboxOutcome::Applied(1), InboxOutcome::Duplicate]);
