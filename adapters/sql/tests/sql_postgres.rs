@@ -126,7 +126,7 @@ impl Publisher for StartTogether {
 /// the only way: leases are taken with `FOR UPDATE SKIP LOCKED` and re-checked on the
 /// latest row version, and only the holder marks a row sent. Here the lease is an hour,
 /// longer than the test can run, so no lease expires: a duplicate, or a lost lease, would
-/// /// be a bug in the leases, and both are asserted to be zero. (The earlier version of this
+/// be a bug in the leases, and both are asserted to be zero. (The earlier version of this
 /// test only printed them: 28 runs on this machine printed 0 duplicates and 0 lost leases.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relays_publish_ten_thousand_rows() {
