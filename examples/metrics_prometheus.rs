@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusBuilder;
 use support::RunIds;
-use surety::sql::{InboxOutcome, Relay, RelayConfig, SqlStore, StoreConfig, TableNames, sqlx};
+use surety::sql::{InboxOutcome, Relay, RelayConfig, SqliteStore, StoreConfig, TableNames, sqlx};
 use surety::{
     Delivery, Error, ErrorKind, Message, Outcome, RetryPolicy, Subscription, Topology, handler_fn,
 };
@@ -40,13 +40,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let prometheus = PrometheusBuilder::new().install_recorder()?;
 
     let path = std::env::temp_dir().join(format!("surety-metrics-{}.db", std::process::id()));
-    let store = SqlStore::connect(
+    let store = SqliteStore::connect(
         &format!("sqlite://{}", path.display()),
         StoreConfig::default().tables(TableNames::prefixed("metrics_demo")),
     )
     .await?;
     store.migrate().await?;
-    let pool = store.sqlite_pool().expect("a SQLite store").clone();
+    let pool = store.pool().clone();
 
     let broker = surety::connect(&support::broker_url()).await?;
     println!("broker: {}", broker.name());
@@ -75,7 +75,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             }
             let outcome = store
                 .inbox()
-                .process("cart", &d.message, |_tx: &mut sqlx::SqliteConnection| {
+                .process("cart", &d.message, |_tx| {
                     Box::pin(async { Ok::<_, Error>(()) }) // the cart's effect would go here
                 })
                 .await?;

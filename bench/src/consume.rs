@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use surety_core::{Broker, Message, Outcome, Publisher, Subscription, Topology, handler_fn};
-use surety_sql::sqlx::{self, PgConnection};
-use surety_sql::{Relay, RelayConfig, SqlStore};
+use surety_sql::sqlx::{self, Postgres};
+use surety_sql::{PgStore, Relay, RelayConfig};
 use tokio::sync::Notify;
 
 use crate::measure::{self, Run};
@@ -57,7 +57,7 @@ struct Progress {
 }
 
 struct Sink {
-    store: SqlStore,
+    store: PgStore,
     progress: Mutex<Progress>,
     done: Notify,
 }
@@ -78,11 +78,7 @@ impl Sink {
     }
 
     async fn effect(&self, message: &Message) -> Result<bool, String> {
-        let pool = self
-            .store
-            .pg_pool()
-            .ok_or("the sink's store is not PostgreSQL")?;
-        let mut tx = pool.begin().await.map_err(fail("begin"))?;
+        let mut tx = self.store.pool().begin().await.map_err(fail("begin"))?;
         sqlx::query(INSERT_EFFECT)
             .bind(message.id().as_str())
             .bind(message.payload().len() as i64)
@@ -99,7 +95,7 @@ impl Sink {
         let outcome = self
             .store
             .inbox()
-            .process(CONSUMER, message, move |tx: &mut PgConnection| {
+            .process(CONSUMER, message, move |tx| {
                 Box::pin(async move {
                     sqlx::query(INSERT_EFFECT)
                         .bind(id)
@@ -230,7 +226,7 @@ async fn consume_run(
 #[allow(clippy::too_many_arguments)]
 async fn end_to_end_run(
     sink: &Sink,
-    store: &SqlStore,
+    store: &PgStore,
     publisher: &Arc<dyn Publisher>,
     destination: &str,
     payload: &Bytes,
@@ -284,7 +280,7 @@ pub async fn bench(
         .declare(&Topology::new(destination.as_str()).group(GROUP))
         .await
         .map_err(fail("declare the consume destination"))?;
-    let store = outbox::store(false).await?;
+    let store = outbox::store::<Postgres>().await?;
     exec(
         &store,
         "CREATE TABLE IF NOT EXISTS surety_bench_effects (message_id TEXT NOT NULL, amount BIGINT NOT NULL)",

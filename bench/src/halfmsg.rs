@@ -13,6 +13,7 @@ use surety_core::{
     Broker, CheckBack, Message, Publisher, TransactionalPublisher, TxOutcome, TxState,
     check_back_fn,
 };
+use surety_sql::sqlx::Postgres;
 use surety_sql::{CheckerConfig, RelayConfig, WithSqlHalfMessages};
 
 use crate::measure::{self, Reset, Run};
@@ -61,7 +62,7 @@ pub async fn bench(
     plain: &Arc<dyn Publisher>,
     reset: Option<&Reset<'_>>,
 ) -> Result<Vec<Row>, String> {
-    let store = store_with(false, PREFIX).await?;
+    let store = store_with::<Postgres>(PREFIX).await?;
     exec(&store, CLEAR).await?;
     let wrapped = WithSqlHalfMessages::new(
         inner,

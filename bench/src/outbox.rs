@@ -8,9 +8,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use surety_core::{Message, Publisher};
-use surety_sql::sqlx::{self, AssertSqlSafe};
-use surety_sql::{Relay, RelayConfig, SqlStore, StoreConfig, TableNames};
+use surety_sql::sqlx::{self, AssertSqlSafe, Pool, Postgres, Sqlite};
+use surety_sql::{
+    Backend, Dialect, PgStore, Relay, RelayConfig, SqlStore, StoreConfig, TableNames,
+};
 
 use crate::measure::{self, Run};
 use crate::{Options, Row, fail};
@@ -33,13 +36,52 @@ fn sqlite_file() -> std::path::PathBuf {
     std::env::temp_dir().join(format!("surety-bench-{}.db", std::process::id()))
 }
 
-/// A store with tables prefixed `prefix` on PostgreSQL or, with `sqlite`, on a file in
-/// the temp directory (removed by [`remove_sqlite_files`]), migrated.
-pub async fn store_with(sqlite: bool, prefix: &str) -> Result<SqlStore, String> {
-    let url = if sqlite {
-        format!("sqlite:{}", sqlite_file().display())
-    } else {
-        postgres_url()
+/// The benchmark's own SQL, written once for both databases: sqlx's bounds are proven by
+/// the blanket impl for each database, so the scenarios only write `DB: BenchDb`.
+pub trait BenchDb: Backend {
+    /// Runs one statement of the benchmark's own (constant text, no input).
+    fn exec<'a>(pool: &'a Pool<Self>, sql: &'static str) -> BoxFuture<'a, sqlx::Result<()>>;
+    /// Inserts one order through `conn` (the business transaction).
+    fn insert_order(
+        conn: &mut Self::Connection,
+        customer: String,
+        amount: i64,
+    ) -> BoxFuture<'_, sqlx::Result<()>>;
+}
+
+impl<DB> BenchDb for DB
+where
+    DB: Backend,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+    for<'q> String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    for<'q> i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    fn exec<'a>(pool: &'a Pool<DB>, sql: &'static str) -> BoxFuture<'a, sqlx::Result<()>> {
+        Box::pin(async move {
+            sqlx::raw_sql(AssertSqlSafe(sql))
+                .execute(pool)
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn insert_order(
+        conn: &mut DB::Connection,
+        customer: String,
+        amount: i64,
+    ) -> BoxFuture<'_, sqlx::Result<()>> {
+        let query = sqlx::query(INSERT_ORDER).bind(customer).bind(amount);
+        Box::pin(async move { query.execute(conn).await.map(|_| ()) })
+    }
+}
+
+/// A store with tables prefixed `prefix` on PostgreSQL or, on SQLite, on a file in the
+/// temp directory (removed by [`remove_sqlite_files`]), migrated.
+pub async fn store_with<DB: Backend>(prefix: &str) -> Result<SqlStore<DB>, String> {
+    let url = match DB::DIALECT {
+        Dialect::Sqlite => format!("sqlite:{}", sqlite_file().display()),
+        Dialect::Postgres => postgres_url(),
     };
     let store = SqlStore::connect(
         &url,
@@ -52,8 +94,8 @@ pub async fn store_with(sqlite: bool, prefix: &str) -> Result<SqlStore, String> 
 }
 
 /// The benchmark store (tables `surety_bench_*`).
-pub async fn store(sqlite: bool) -> Result<SqlStore, String> {
-    store_with(sqlite, PREFIX).await
+pub async fn store<DB: Backend>() -> Result<SqlStore<DB>, String> {
+    store_with(PREFIX).await
 }
 
 /// Removes the benchmark's SQLite file and its WAL side files.
@@ -75,26 +117,15 @@ pub fn remove_sqlite_files() {
 
 /// Runs one statement of the benchmark's own (constant text, no input) on the store's
 /// database.
-pub async fn exec(store: &SqlStore, sql: &'static str) -> Result<(), String> {
-    let result = if let Some(pool) = store.pg_pool() {
-        sqlx::raw_sql(AssertSqlSafe(sql))
-            .execute(pool)
-            .await
-            .map(|_| ())
-    } else if let Some(pool) = store.sqlite_pool() {
-        sqlx::raw_sql(AssertSqlSafe(sql))
-            .execute(pool)
-            .await
-            .map(|_| ())
-    } else {
-        Ok(())
-    };
-    result.map_err(|e| format!("{sql}: {e}"))
+pub async fn exec<DB: BenchDb>(store: &SqlStore<DB>, sql: &'static str) -> Result<(), String> {
+    DB::exec(store.pool(), sql)
+        .await
+        .map_err(|e| format!("{sql}: {e}"))
 }
 
 /// Creates (or empties) the business table.
-pub async fn business_table(store: &SqlStore) -> Result<(), String> {
-    if store.pg_pool().is_some() {
+pub async fn business_table<DB: BenchDb>(store: &SqlStore<DB>) -> Result<(), String> {
+    if store.dialect() == Dialect::Postgres {
         exec(
             store,
             "CREATE TABLE IF NOT EXISTS surety_bench_orders \
@@ -114,125 +145,118 @@ pub async fn business_table(store: &SqlStore) -> Result<(), String> {
 
 /// One business transaction: insert an order and, with `message`, enqueue it in the
 /// same transaction; commit.
-pub async fn business_transaction(
-    store: &SqlStore,
+pub async fn business_transaction<DB: BenchDb>(
+    store: &SqlStore<DB>,
     i: usize,
     message: Option<&Message>,
 ) -> Result<(), String> {
-    macro_rules! in_tx {
-        ($pool:expr) => {{
-            let mut tx = $pool.begin().await.map_err(fail("begin"))?;
-            sqlx::query(INSERT_ORDER)
-                .bind(format!("customer-{}", i % 1000))
-                .bind(i as i64)
-                .execute(&mut *tx)
-                .await
-                .map_err(fail("insert an order"))?;
-            if let Some(m) = message {
-                store
-                    .outbox()
-                    .enqueue(&mut *tx, m)
-                    .await
-                    .map_err(fail("enqueue"))?;
-            }
-            tx.commit().await.map_err(fail("commit"))
-        }};
+    let mut tx = store.pool().begin().await.map_err(fail("begin"))?;
+    DB::insert_order(&mut tx, format!("customer-{}", i % 1000), i as i64)
+        .await
+        .map_err(fail("insert an order"))?;
+    if let Some(m) = message {
+        store
+            .outbox()
+            .enqueue(&mut tx, m)
+            .await
+            .map_err(fail("enqueue"))?;
     }
-    if let Some(pool) = store.pg_pool() {
-        in_tx!(pool)
-    } else if let Some(pool) = store.sqlite_pool() {
-        in_tx!(pool)
-    } else {
-        Err("a store without a pool".into())
-    }
+    tx.commit().await.map_err(fail("commit"))
 }
 
 /// Scenario 4a: business insert alone against business insert + enqueue, each in its own
 /// transaction, on PostgreSQL (`--db-window` in flight) and SQLite (one at a time).
 pub async fn enqueue_cost(o: &Options) -> Result<Vec<Row>, String> {
-    let mut rows = Vec::new();
-    for sqlite in [false, true] {
-        let store = store(sqlite).await?;
-        if !sqlite {
-            note_postgres_version(&store).await;
-        }
-        business_table(&store).await?;
-        clear(&store).await?;
-        let window = if sqlite { 1 } else { o.db_window };
-        let payload = o.payload_bytes();
-        let alone = measure::workload(|n| {
-            let store = &store;
-            async move { measure::windowed(n, window, |i| business_transaction(store, i, None)).await }
-        });
-        let with_outbox = measure::workload(|n| {
-            let (store, payload) = (&store, &payload);
-            async move {
-                measure::windowed(n, window, |i| {
-                    let message = Message::new("surety-bench-orders", payload.clone());
-                    async move { business_transaction(store, i, Some(&message)).await }
-                })
-                .await
-            }
-        });
-        let reset: measure::Reset<'_> = Box::new(|| {
-            let store = &store;
-            Box::pin(async move {
-                exec(store, "DELETE FROM surety_bench_orders").await?;
-                clear(store).await
-            })
-        });
-        let n = o.db_messages;
-        let runs = measure::alternate(
-            o.repetitions,
-            o.warmup().min(n),
-            &[(n, alone), (n, with_outbox)],
-            Some(&reset),
-        )
-        .await?;
-        let database = if sqlite { "SQLite" } else { "PostgreSQL" };
-        let alone = measure::summarise(&runs[0]);
-        let with = measure::summarise(&runs[1]);
-        let cost = alone.rate / with.rate.max(1e-9);
-        let row = |scenario: String, summary, ratio| Row {
-            scenario_no: 4,
-            broker: if sqlite { "sqlite" } else { "postgresql" },
-            scenario,
-            messages: n,
-            window,
-            payload: o.payload,
-            summary,
-            ratio,
-        };
-        rows.push(row(
-            format!("business insert alone, one transaction each ({database})"),
-            alone,
-            "1.00 (baseline)".into(),
-        ));
-        rows.push(row(
-            format!("business insert + outbox enqueue, same transaction ({database})"),
-            with,
-            format!("{cost:.2}× the cost of the insert alone (no goal in the issue)"),
-        ));
-        exec(&store, "DROP TABLE IF EXISTS surety_bench_orders").await?;
-        store.close().await;
-    }
+    let pg = store::<Postgres>().await?;
+    note_postgres_version(&pg).await;
+    let mut rows = enqueue_cost_on(o, pg).await?;
+    rows.extend(enqueue_cost_on(o, store::<Sqlite>().await?).await?);
     remove_sqlite_files();
     Ok(rows)
 }
 
-async fn note_postgres_version(store: &SqlStore) {
-    if let Some(pool) = store.pg_pool()
-        && let Ok(v) = sqlx::query_scalar::<_, String>("SHOW server_version")
-            .fetch_one(pool)
+/// Scenario 4a on one database.
+async fn enqueue_cost_on<DB: BenchDb>(
+    o: &Options,
+    store: SqlStore<DB>,
+) -> Result<Vec<Row>, String> {
+    let sqlite = store.dialect() == Dialect::Sqlite;
+    business_table(&store).await?;
+    clear(&store).await?;
+    let window = if sqlite { 1 } else { o.db_window };
+    let payload = o.payload_bytes();
+    let alone = measure::workload(|n| {
+        let store = &store;
+        async move { measure::windowed(n, window, |i| business_transaction(store, i, None)).await }
+    });
+    let with_outbox = measure::workload(|n| {
+        let (store, payload) = (&store, &payload);
+        async move {
+            measure::windowed(n, window, |i| {
+                let message = Message::new("surety-bench-orders", payload.clone());
+                async move { business_transaction(store, i, Some(&message)).await }
+            })
             .await
+        }
+    });
+    let reset: measure::Reset<'_> = Box::new(|| {
+        let store = &store;
+        Box::pin(async move {
+            exec(store, "DELETE FROM surety_bench_orders").await?;
+            clear(store).await
+        })
+    });
+    let n = o.db_messages;
+    let runs = measure::alternate(
+        o.repetitions,
+        o.warmup().min(n),
+        &[(n, alone), (n, with_outbox)],
+        Some(&reset),
+    )
+    .await?;
+    let database = if sqlite { "SQLite" } else { "PostgreSQL" };
+    let alone = measure::summarise(&runs[0]);
+    let with = measure::summarise(&runs[1]);
+    let cost = alone.rate / with.rate.max(1e-9);
+    let row = |scenario: String, summary, ratio| Row {
+        scenario_no: 4,
+        broker: if sqlite { "sqlite" } else { "postgresql" },
+        scenario,
+        messages: n,
+        window,
+        payload: o.payload,
+        summary,
+        ratio,
+    };
+    let rows = vec![
+        row(
+            format!("business insert alone, one transaction each ({database})"),
+            alone,
+            "1.00 (baseline)".into(),
+        ),
+        row(
+            format!("business insert + outbox enqueue, same transaction ({database})"),
+            with,
+            format!("{cost:.2}× the cost of the insert alone (no goal in the issue)"),
+        ),
+    ];
+    exec(&store, "DROP TABLE IF EXISTS surety_bench_orders").await?;
+    store.close().await;
+    Ok(rows)
+}
+
+async fn note_postgres_version(store: &PgStore) {
+    if let Ok(v) = sqlx::query_scalar::<_, String>("SHOW server_version")
+        .fetch_one(store.pool())
+        .await
     {
         crate::machine::note_version("PostgreSQL", v);
     }
 }
 
 /// Empties the benchmark outbox and commits `messages` pending rows for `destination`.
-async fn fill(
-    store: &SqlStore,
+async fn fill<DB: BenchDb>(
+    store: &SqlStore<DB>,
     destination: &str,
     messages: usize,
     o: &Options,
@@ -246,20 +270,12 @@ async fn fill(
         let batch: Vec<Message> = (0..n)
             .map(|_| Message::new(destination, payload.clone()))
             .collect();
-        // One transaction per chunk, on whichever database the store holds.
-        if let Some(pool) = store.pg_pool() {
-            let mut tx = pool.begin().await.map_err(fail("begin"))?;
-            for m in &batch {
-                outbox.enqueue(&mut *tx, m).await.map_err(fail("enqueue"))?;
-            }
-            tx.commit().await.map_err(fail("commit"))?;
-        } else if let Some(pool) = store.sqlite_pool() {
-            let mut tx = pool.begin().await.map_err(fail("begin"))?;
-            for m in &batch {
-                outbox.enqueue(&mut *tx, m).await.map_err(fail("enqueue"))?;
-            }
-            tx.commit().await.map_err(fail("commit"))?;
+        // One transaction per chunk.
+        let mut tx = store.pool().begin().await.map_err(fail("begin"))?;
+        for m in &batch {
+            outbox.enqueue(&mut tx, m).await.map_err(fail("enqueue"))?;
         }
+        tx.commit().await.map_err(fail("commit"))?;
         left -= n;
     }
     Ok(())
@@ -267,28 +283,16 @@ async fn fill(
 
 /// Deletes every row of the benchmark outbox. The table name is the constant prefix
 /// above, validated by `TableNames`; nothing external reaches the SQL.
-pub async fn clear(store: &SqlStore) -> Result<(), String> {
-    const DELETE: &str = "DELETE FROM surety_bench_outbox";
-    let result = if let Some(pool) = store.pg_pool() {
-        surety_sql::sqlx::query(DELETE)
-            .execute(pool)
-            .await
-            .map(|_| ())
-    } else if let Some(pool) = store.sqlite_pool() {
-        surety_sql::sqlx::query(DELETE)
-            .execute(pool)
-            .await
-            .map(|_| ())
-    } else {
-        Ok(())
-    };
-    result.map_err(fail("clear the benchmark outbox"))
+pub async fn clear<DB: BenchDb>(store: &SqlStore<DB>) -> Result<(), String> {
+    DB::exec(store.pool(), "DELETE FROM surety_bench_outbox")
+        .await
+        .map_err(fail("clear the benchmark outbox"))
 }
 
 /// One relay draining until nothing is due, as `Relay::drain` runs it (the next batch
 /// leased while one publishes). Each message's latency is its batch's cycle: the time
 /// from the previous batch's outcome (or the start) to its own.
-async fn drain(relay: Relay) -> Result<(u64, Vec<Duration>), String> {
+async fn drain<DB: Backend>(relay: Relay<DB>) -> Result<(u64, Vec<Duration>), String> {
     let mut latencies = Vec::new();
     let mut last = Instant::now();
     let stats = relay
@@ -306,8 +310,8 @@ async fn drain(relay: Relay) -> Result<(u64, Vec<Duration>), String> {
 }
 
 /// Drains `messages` committed rows with `relays` relays at once.
-async fn relay_run(
-    store: &SqlStore,
+async fn relay_run<DB: BenchDb>(
+    store: &SqlStore<DB>,
     publisher: &Arc<dyn Publisher>,
     relays: usize,
     messages: usize,
@@ -337,9 +341,9 @@ async fn relay_run(
 }
 
 /// Commits `n` rows (untimed), then drains them with `relays` relays (timed).
-fn relay_workload<'a>(
+fn relay_workload<'a, DB: BenchDb>(
     o: &'a Options,
-    store: &'a SqlStore,
+    store: &'a SqlStore<DB>,
     destination: &'a str,
     publisher: &'a Arc<dyn Publisher>,
     relays: usize,
@@ -360,17 +364,25 @@ pub async fn bench(
     publisher: &Arc<dyn Publisher>,
     raw_ceiling: f64,
 ) -> Result<Vec<Row>, String> {
-    let pg = store(false).await?;
-    let lite = store(true).await?;
+    let pg = store::<Postgres>().await?;
+    let lite = store::<Sqlite>().await?;
     // Each workload commits its rows untimed, then times only the relays' drain.
-    let relays = |store, relays| relay_workload(o, store, destination, publisher, relays);
     let runs = measure::alternate(
         o.repetitions,
         o.warmup(),
         &[
-            (o.messages, relays(&pg, 1)),
-            (o.messages, relays(&pg, 2)),
-            (o.messages, relays(&lite, 1)),
+            (
+                o.messages,
+                relay_workload(o, &pg, destination, publisher, 1),
+            ),
+            (
+                o.messages,
+                relay_workload(o, &pg, destination, publisher, 2),
+            ),
+            (
+                o.messages,
+                relay_workload(o, &lite, destination, publisher, 1),
+            ),
         ],
         None,
     )

@@ -1,12 +1,14 @@
 //! The commands, on `surety-sql`'s public API.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 use surety_core::{Error, ErrorKind, MessageId};
-use surety_sql::sqlx::{self, AssertSqlSafe};
-use surety_sql::{Dialect, EntryState, OutboxEntry, SqlStore, StoreConfig, TableNames};
+use surety_sql::sqlx::{self, AssertSqlSafe, Pool, Postgres, Sqlite};
+use surety_sql::{Backend, Dialect, EntryState, OutboxEntry, SqlStore, StoreConfig, TableNames};
 
 use crate::output::{Failure, cell, human, print_json, print_table};
 use crate::redact::redact_url;
@@ -22,12 +24,28 @@ const KEEP_INBOX: Duration = Duration::from_secs(1000 * 365 * 24 * 3600);
 /// Runs a command on the local message table (`migrate`, `outbox ...`, `inbox ...`).
 pub(crate) async fn run(cli: &Cli) -> Outcome {
     let url = database_url(&cli.db)?;
-    let url = url.as_str();
+    match Dialect::of_url(&url) {
+        Some(Dialect::Postgres) => run_on::<Postgres>(cli, &url).await,
+        Some(Dialect::Sqlite) => run_on::<Sqlite>(cli, &url).await,
+        None => Err(Failure::from_error(&unknown_database(), Some(&url))),
+    }
+}
+
+/// The error for a database URL that is neither PostgreSQL nor SQLite.
+pub(crate) fn unknown_database() -> Error {
+    Error::new(
+        ErrorKind::Configuration,
+        "expected a postgres://, postgresql:// or sqlite: database URL",
+    )
+}
+
+/// The database commands, on the database the URL names.
+async fn run_on<DB: Reads>(cli: &Cli, url: &str) -> Outcome {
     // Every driver error passes through here, so none can carry the password out.
     let fail = |e: Error| Failure::from_error(&e, Some(url));
     match &cli.command {
         Command::Migrate => {
-            let store = connect(url, &cli.db, StoreConfig::default()).await?;
+            let store = connect::<DB>(url, &cli.db, StoreConfig::default()).await?;
             store.migrate().await.map_err(fail)?;
             let tables = &store.config().tables;
             if cli.json {
@@ -50,11 +68,11 @@ pub(crate) async fn run(cli: &Cli) -> Outcome {
         }
         Command::Outbox { command } => match command {
             OutboxCommand::Status => {
-                let store = connect(url, &cli.db, StoreConfig::default()).await?;
+                let store = connect::<DB>(url, &cli.db, StoreConfig::default()).await?;
                 outbox_status(&store, cli.json).await.map_err(fail)?;
             }
             OutboxCommand::Dead { limit, after } => {
-                let store = connect(url, &cli.db, StoreConfig::default()).await?;
+                let store = connect::<DB>(url, &cli.db, StoreConfig::default()).await?;
                 let rows = store
                     .outbox()
                     .list(EntryState::Dead, *after, (*limit).max(1))
@@ -67,7 +85,7 @@ pub(crate) async fn run(cli: &Cli) -> Outcome {
                 all,
                 destination,
             } => {
-                let store = connect(url, &cli.db, StoreConfig::default()).await?;
+                let store = connect::<DB>(url, &cli.db, StoreConfig::default()).await?;
                 redrive(
                     &store,
                     id.as_deref(),
@@ -86,7 +104,7 @@ pub(crate) async fn run(cli: &Cli) -> Outcome {
             }
             OutboxCommand::PurgeCompleted { older_than } => {
                 let config = StoreConfig::default().retention(*older_than, KEEP_INBOX);
-                let store = connect(url, &cli.db, config).await?;
+                let store = connect::<DB>(url, &cli.db, config).await?;
                 let stats = store.cleanup().await.map_err(fail)?;
                 if cli.json {
                     print_json(&json!({
@@ -105,17 +123,20 @@ pub(crate) async fn run(cli: &Cli) -> Outcome {
         Command::Inbox {
             command: InboxCommand::Status,
         } => {
-            let store = connect(url, &cli.db, StoreConfig::default()).await?;
+            let store = connect::<DB>(url, &cli.db, StoreConfig::default()).await?;
             inbox_status(&store, cli.json).await.map_err(fail)?;
         }
-        Command::Verify { .. } | Command::Dlq { .. } => unreachable!("handled above"),
+        Command::Verify { .. } | Command::Dlq { .. } => unreachable!("dispatched in main"),
     }
     Ok(())
 }
 
-/// The URL from the flag or `SURETY_DATABASE_URL` (clap reads both), else
-/// `SURETY_POSTGRES_URL`.
-async fn connect(url: &str, db: &DbArgs, config: StoreConfig) -> Result<SqlStore, Failure> {
+/// A store on `url` with the command's table prefix and a single connection.
+async fn connect<DB: Backend>(
+    url: &str,
+    db: &DbArgs,
+    config: StoreConfig,
+) -> Result<SqlStore<DB>, Failure> {
     let config = config.tables(TableNames::prefixed(&db.table_prefix));
     // One connection is all a command needs; fewer to open against a busy database.
     let config = StoreConfig {
@@ -158,47 +179,66 @@ fn db_error(operation: &'static str, e: sqlx::Error) -> Error {
         .with_source(e)
 }
 
-/// Runs a read-only query on whichever pool the store has. `$sql` must only contain
-/// table names that `TableNames::validate` accepted (the store checks them at connect).
-macro_rules! read_all {
-    ($store:expr, $sql:expr, $row:ty) => {{
-        let sql: String = $sql;
-        if let Some(p) = $store.pg_pool() {
-            sqlx::query_as::<_, $row>(AssertSqlSafe(sql))
-                .fetch_all(p)
-                .await
-        } else if let Some(p) = $store.sqlite_pool() {
-            sqlx::query_as::<_, $row>(AssertSqlSafe(sql))
-                .fetch_all(p)
-                .await
-        } else {
-            Ok(Vec::new())
-        }
-    }};
+/// The read-only summaries the store has no method for, written once for both databases:
+/// sqlx's bounds are proven by the blanket impl for each database. Each `sql` must only
+/// contain table names that `TableNames::validate` accepted (the store checks them at
+/// connect).
+trait Reads: Backend {
+    /// `(destination, state, rows)`.
+    fn per_destination(pool: &Pool<Self>, sql: String) -> Rows<'_, (String, String, i64)>;
+    /// `(age in ms)`, one row.
+    fn oldest(pool: &Pool<Self>, sql: String) -> Rows<'_, (Option<i64>,)>;
+    /// `(consumer, keys, oldest age ms, newest age ms)`.
+    fn consumers(pool: &Pool<Self>, sql: String) -> Rows<'_, (String, i64, i64, i64)>;
 }
 
-async fn outbox_status(store: &SqlStore, as_json: bool) -> surety_core::Result<()> {
+/// The rows of a read, on their way.
+type Rows<'a, R> = Pin<Box<dyn Future<Output = Result<Vec<R>, sqlx::Error>> + Send + 'a>>;
+
+impl<DB> Reads for DB
+where
+    DB: Backend,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    DB::Arguments: sqlx::IntoArguments<DB>,
+    for<'r> (String, String, i64): sqlx::FromRow<'r, DB::Row>,
+    for<'r> (Option<i64>,): sqlx::FromRow<'r, DB::Row>,
+    for<'r> (String, i64, i64, i64): sqlx::FromRow<'r, DB::Row>,
+{
+    fn per_destination(pool: &Pool<DB>, sql: String) -> Rows<'_, (String, String, i64)> {
+        Box::pin(sqlx::query_as(AssertSqlSafe(sql)).fetch_all(pool))
+    }
+
+    fn oldest(pool: &Pool<DB>, sql: String) -> Rows<'_, (Option<i64>,)> {
+        Box::pin(sqlx::query_as(AssertSqlSafe(sql)).fetch_all(pool))
+    }
+
+    fn consumers(pool: &Pool<DB>, sql: String) -> Rows<'_, (String, i64, i64, i64)> {
+        Box::pin(sqlx::query_as(AssertSqlSafe(sql)).fetch_all(pool))
+    }
+}
+
+async fn outbox_status<DB: Reads>(store: &SqlStore<DB>, as_json: bool) -> surety_core::Result<()> {
     let tables = &store.config().tables;
     let counts = store.counts().await?;
     let lag = store.lag().await?;
-    let per_destination: Vec<(String, String, i64)> = read_all!(
-        store,
+    let per_destination = DB::per_destination(
+        store.pool(),
         format!(
             "SELECT destination, state, COUNT(*) FROM {} GROUP BY destination, state ORDER BY destination",
             tables.outbox
         ),
-        (String, String, i64)
     )
+    .await
     .map_err(|e| db_error("count outbox rows per destination", e))?;
-    let oldest: Vec<(Option<i64>,)> = read_all!(
-        store,
+    let oldest = DB::oldest(
+        store.pool(),
         format!(
             "SELECT {now} - MIN(enqueued_at) FROM {t} WHERE state = 'PENDING'",
             now = now_sql(store.dialect()),
             t = tables.outbox
         ),
-        (Option<i64>,)
     )
+    .await
     .map_err(|e| db_error("find the oldest pending row", e))?;
     let oldest_pending = oldest
         .first()
@@ -324,8 +364,8 @@ impl From<Error> for RedriveError {
     }
 }
 
-async fn redrive(
-    store: &SqlStore,
+async fn redrive<DB: Backend>(
+    store: &SqlStore<DB>,
     id: Option<&str>,
     all: bool,
     destination: Option<&str>,
@@ -373,17 +413,17 @@ async fn redrive(
     Ok(())
 }
 
-async fn inbox_status(store: &SqlStore, as_json: bool) -> surety_core::Result<()> {
+async fn inbox_status<DB: Reads>(store: &SqlStore<DB>, as_json: bool) -> surety_core::Result<()> {
     let tables = &store.config().tables;
-    let rows: Vec<(String, i64, i64, i64)> = read_all!(
-        store,
+    let rows = DB::consumers(
+        store.pool(),
         format!(
             "SELECT consumer_name, COUNT(*), {now} - MIN(processed_at), {now} - MAX(processed_at) FROM {t} GROUP BY consumer_name ORDER BY consumer_name",
             now = now_sql(store.dialect()),
             t = tables.inbox
         ),
-        (String, i64, i64, i64)
     )
+    .await
     .map_err(|e| db_error("summarise the inbox", e))?;
     let age = |ms: i64| Duration::from_millis(ms.max(0) as u64);
     if as_json {

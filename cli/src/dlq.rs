@@ -9,7 +9,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use surety_core::{DeadLetter, MessageId, RedriveSelection, headers};
-use surety_sql::{DlqAudit, RedriveAudit, SqlStore, StoreConfig, TableNames};
+use surety_sql::sqlx::{Postgres, Sqlite};
+use surety_sql::{
+    AuditRecord, Backend, Dialect, DlqAudit, RedriveAudit, SqlStore, StoreConfig, TableNames,
+};
 
 use crate::output::{Failure, cell, human, print_json, print_table};
 use crate::redact::redact_url;
@@ -239,8 +242,48 @@ async fn show(target: &DlqTarget, id: &str, scan: usize, as_json: bool) -> Outco
 
 /// Where re-drives are recorded: the database's audit table, or a JSON-lines file.
 enum AuditSink {
-    Table { audit: DlqAudit, table: String },
+    Table { audit: AuditTable, table: String },
     File { path: PathBuf },
+}
+
+/// The audit table on the database the URL names.
+enum AuditTable {
+    Postgres(DlqAudit<Postgres>),
+    Sqlite(DlqAudit<Sqlite>),
+}
+
+impl AuditTable {
+    /// Opens the table and checks that it exists, before anything is re-driven (or its
+    /// record would have nowhere to go).
+    async fn open(url: &str, config: StoreConfig) -> surety_core::Result<AuditTable> {
+        async fn on<DB: Backend>(
+            url: &str,
+            config: StoreConfig,
+        ) -> surety_core::Result<DlqAudit<DB>> {
+            let audit = SqlStore::<DB>::connect(url, config).await?.dlq_audit();
+            audit.list(0, 1).await?;
+            Ok(audit)
+        }
+        match Dialect::of_url(url) {
+            Some(Dialect::Postgres) => on(url, config).await.map(AuditTable::Postgres),
+            Some(Dialect::Sqlite) => on(url, config).await.map(AuditTable::Sqlite),
+            None => Err(crate::commands::unknown_database()),
+        }
+    }
+
+    async fn record(&self, entry: &RedriveAudit) -> surety_core::Result<AuditRecord> {
+        match self {
+            AuditTable::Postgres(audit) => audit.record(entry).await,
+            AuditTable::Sqlite(audit) => audit.record(entry).await,
+        }
+    }
+
+    async fn list(&self, after: i64, limit: usize) -> surety_core::Result<Vec<AuditRecord>> {
+        match self {
+            AuditTable::Postgres(audit) => audit.list(after, limit).await,
+            AuditTable::Sqlite(audit) => audit.list(after, limit).await,
+        }
+    }
 }
 
 impl AuditSink {
@@ -258,13 +301,7 @@ impl AuditSink {
             max_connections: 1,
             ..StoreConfig::default().tables(tables)
         };
-        let store = SqlStore::connect(&url, config)
-            .await
-            .map_err(|e| Failure::from_error(&e, Some(&url)))?;
-        let audit = store.dlq_audit();
-        // The table must exist before a re-drive, or its record would have nowhere to go.
-        audit
-            .list(0, 1)
+        let audit = AuditTable::open(&url, config)
             .await
             .map_err(|e| Failure::from_error(&e, Some(&url)))?;
         Ok(AuditSink::Table { audit, table })

@@ -7,7 +7,8 @@ use serde_json::json;
 use surety_conformance::runner::with_sql_half_messages;
 use surety_conformance::{CASES, Fixture, Report, Verdict};
 use surety_core::{Broker, CapabilityCheck, Error, ErrorKind};
-use surety_sql::{SqlStore, StoreConfig, TableNames};
+use surety_sql::sqlx::{Postgres, Sqlite};
+use surety_sql::{Backend, Dialect, SqlStore, StoreConfig, TableNames};
 
 use crate::Cli;
 use crate::output::{Failure, print_json};
@@ -204,12 +205,22 @@ async fn with_half_messages(
     let Some(url) = database_url else {
         return Ok(broker);
     };
-    let store = SqlStore::connect(
-        url,
-        StoreConfig::default().tables(TableNames::prefixed(VERIFY_TABLES)),
-    )
-    .await?;
-    store.migrate().await?;
+    let wrapped = match Dialect::of_url(url) {
+        Some(Dialect::Postgres) => with_store::<Postgres>(broker, url).await?,
+        Some(Dialect::Sqlite) => with_store::<Sqlite>(broker, url).await?,
+        None => return Err(crate::commands::unknown_database()),
+    };
     // The capability layer in front of the decorator sees the half messages it adds.
-    Ok(CapabilityCheck::wrap(with_sql_half_messages(broker, store)))
+    Ok(CapabilityCheck::wrap(wrapped))
+}
+
+/// `broker` with half messages from the prepared-message store at `url`, migrated.
+async fn with_store<DB: Backend>(
+    broker: Arc<dyn Broker>,
+    url: &str,
+) -> surety_core::Result<Arc<dyn Broker>> {
+    let config = StoreConfig::default().tables(TableNames::prefixed(VERIFY_TABLES));
+    let store = SqlStore::<DB>::connect(url, config).await?;
+    store.migrate().await?;
+    Ok(with_sql_half_messages(broker, store))
 }

@@ -10,7 +10,10 @@ use serde_json::Value;
 use surety_core::{Broker, Message, RetryPolicy, Topology};
 use surety_memory::MemoryBroker;
 use surety_sql::sqlx::{self, AssertSqlSafe};
-use surety_sql::{EntryState, Relay, RelayConfig, SqlStore, StoreConfig, TableNames};
+use surety_sql::{
+    Backend, EntryState, PgStore, Relay, RelayConfig, SqlStore, SqliteStore, StoreConfig,
+    TableNames,
+};
 
 fn unique(what: &str) -> String {
     let nanos = SystemTime::now()
@@ -46,7 +49,10 @@ fn ok_json(args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).expect("stdout is one JSON document")
 }
 
-fn relay(store: &SqlStore, publisher: Arc<dyn surety_core::Publisher>) -> Relay {
+fn relay<DB: Backend>(
+    store: &SqlStore<DB>,
+    publisher: Arc<dyn surety_core::Publisher>,
+) -> Relay<DB> {
     Relay::new(
         store.clone(),
         publisher,
@@ -58,21 +64,12 @@ fn relay(store: &SqlStore, publisher: Arc<dyn surety_core::Publisher>) -> Relay 
     )
 }
 
-async fn enqueue(store: &SqlStore, messages: &[Message]) {
-    if let Some(pool) = store.sqlite_pool() {
-        let mut tx = pool.begin().await.unwrap();
-        for m in messages {
-            store.outbox().enqueue(&mut *tx, m).await.unwrap();
-        }
-        tx.commit().await.unwrap();
-    } else {
-        let pool = store.pg_pool().unwrap();
-        let mut tx = pool.begin().await.unwrap();
-        for m in messages {
-            store.outbox().enqueue(&mut *tx, m).await.unwrap();
-        }
-        tx.commit().await.unwrap();
+async fn enqueue<DB: Backend>(store: &SqlStore<DB>, messages: &[Message]) {
+    let mut tx = store.pool().begin().await.unwrap();
+    for m in messages {
+        store.outbox().enqueue(&mut tx, m).await.unwrap();
     }
+    tx.commit().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,7 +104,7 @@ async fn sqlite_status_dead_redrive_and_relay_publishes() {
     // Idempotent.
     assert_eq!(run(&["migrate"]).status.code(), Some(0));
 
-    let store = SqlStore::connect(
+    let store = SqliteStore::connect(
         &url,
         StoreConfig::default().tables(TableNames::prefixed(prefix)),
     )
@@ -275,7 +272,7 @@ async fn sqlite_status_dead_redrive_and_relay_publishes() {
     assert_eq!(status["counts"]["PENDING"], 2, "pending rows are kept");
 
     // Inbox status: keys per consumer.
-    let pool = store.sqlite_pool().unwrap();
+    let pool = store.pool();
     let mut tx = pool.begin().await.unwrap();
     for m in &orders {
         assert!(
@@ -397,7 +394,7 @@ async fn postgres_migrate_and_status_from_the_environment() {
         );
     }
 
-    let store = SqlStore::connect(
+    let store = PgStore::connect(
         &url,
         StoreConfig::default().tables(TableNames::prefixed(&prefix)),
     )
@@ -433,7 +430,7 @@ async fn postgres_migrate_and_status_from_the_environment() {
     let out = run(&["inbox", "status", "--json"]);
     assert_eq!(out.status.code(), Some(0));
 
-    let pool = store.pg_pool().unwrap();
+    let pool = store.pool();
     for table in ["outbox", "inbox", "migrations"] {
         sqlx::query(AssertSqlSafe(format!("DROP TABLE {prefix}_{table}")))
             .execute(pool)
@@ -839,7 +836,7 @@ async fn dlq_cycle(url: &str, adapter: &str, audit: AuditAt) {
     }
     if let AuditAt::Postgres { url, prefix } = &audit {
         // The rows are in the table itself.
-        let store = SqlStore::connect(
+        let store = PgStore::connect(
             url,
             StoreConfig::default().tables(TableNames::prefixed(prefix)),
         )
@@ -848,7 +845,7 @@ async fn dlq_cycle(url: &str, adapter: &str, audit: AuditAt) {
         let rows = store.dlq_audit().list(0, 100).await.unwrap();
         assert_eq!(rows.len(), 1 + by_bob.len());
         assert_eq!(rows[0].entry.actor, "alice");
-        let pool = store.pg_pool().unwrap();
+        let pool = store.pool();
         for table in ["outbox", "inbox", "migrations", "dlq_audit"] {
             sqlx::query(AssertSqlSafe(format!("DROP TABLE {prefix}_{table}")))
                 .execute(pool)

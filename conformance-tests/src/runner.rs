@@ -73,7 +73,7 @@ mod sql {
     use std::time::Duration;
 
     use surety_core::Broker;
-    use surety_sql::{CheckerConfig, RelayConfig, SqlStore, WithSqlHalfMessages};
+    use surety_sql::{Backend, CheckerConfig, RelayConfig, SqlStore, WithSqlHalfMessages};
 
     /// The PostgreSQL of `SURETY_POSTGRES_URL`, or the test database `scripts/brokers` starts.
     pub fn postgres_url() -> String {
@@ -84,7 +84,10 @@ mod sql {
     /// `broker` with `send_in_transaction` from the prepared-message store in `store` (which
     /// must be migrated), the way an application on RabbitMQ or Kafka gets half messages.
     /// Check and poll intervals are short so that check-back cases finish in seconds.
-    pub fn with_sql_half_messages(broker: Arc<dyn Broker>, store: SqlStore) -> Arc<dyn Broker> {
+    pub fn with_sql_half_messages<DB: Backend>(
+        broker: Arc<dyn Broker>,
+        store: SqlStore<DB>,
+    ) -> Arc<dyn Broker> {
         let checker = CheckerConfig {
             check_timeout: Duration::from_secs(2),
             check_interval: Duration::from_millis(500),

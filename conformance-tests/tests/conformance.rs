@@ -18,7 +18,7 @@ use surety_conformance::runner::{adapters_from_env, postgres_url};
 use surety_conformance::{Fixture, runtime};
 use surety_core::Broker;
 use surety_memory::{MemoryBroker, MemoryConfig};
-use surety_sql::{SqlStore, StoreConfig, TableNames};
+use surety_sql::{PgStore, StoreConfig, TableNames};
 
 /// RabbitMQ and Kafka have no half messages of their own: `send_in_transaction` comes
 /// from the prepared-message store of `surety-sql` on the test PostgreSQL, the way an
@@ -26,7 +26,7 @@ use surety_sql::{SqlStore, StoreConfig, TableNames};
 fn with_sql_half_messages(broker: Arc<dyn Broker>) -> Result<Arc<dyn Broker>, String> {
     let url = postgres_url();
     let store = runtime()
-        .block_on(SqlStore::connect(
+        .block_on(PgStore::connect(
             &url,
             StoreConfig::default().tables(TableNames::prefixed("conformance")),
         ))

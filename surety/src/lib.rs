@@ -20,12 +20,13 @@
 //! | `rabbitmq` | `rabbitmq`: RabbitMQ (lapin): confirmed mandatory publish, tx, delay-queue retries, dead letters, reconnecting consumers |
 //! | `kafka` | `kafka`: Apache Kafka (rdkafka): idempotent confirmed send, transactions, exactly-once read-process-write |
 //! | `rocketmq` | `rocketmq`: Apache RocketMQ (rocketmq-client-rust): honest send status, native half messages with check-back, retry and dead letters |
-//! | `postgres` | `sql`: outbox + relay, idempotent inbox, prepared-message store (half messages for any broker), on PostgreSQL |
-//! | `sqlite` | `sql`: the same on SQLite (one relay per database file) |
+//! | `postgres` | `sql`: outbox + relay, idempotent inbox, prepared-message store (half messages for any broker), on PostgreSQL (`sql::PgStore`) |
+//! | `sqlite` | `sql`: the same on SQLite, one relay per database file (`sql::SqliteStore`) |
 //! | `sql` | both `postgres` and `sqlite` |
 //!
-//! `postgres` and `sqlite` both enable the `sql` module; for now the workspace's sqlx
-//! dependency compiles both database drivers whichever one is chosen.
+//! `postgres` and `sqlite` both enable the `sql` module, each compiling only its own
+//! database driver: `sql::PgStore` comes with `postgres`, `sql::SqliteStore` with
+//! `sqlite`, and code generic over `sql::Backend` runs on whichever is on.
 //!
 //! The features are additive: any combination compiles (`scripts/test` checks the crate
 //! with each one alone; the workspace build has them all together). Switching broker is one feature and one URL:

@@ -1,13 +1,14 @@
 //! The audit of dead-letter re-drives: who re-drove which message from where to where,
 //! and when. Written by `surety dlq redrive` after the broker confirmed the publish.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
-use sqlx::Row;
 use surety_core::Result;
 
+use crate::backend::{Arg, Backend, On};
+use crate::entry::{Columns, at, count};
 use crate::error::storage;
-use crate::store::{SqlStore, with_pool};
+use crate::store::SqlStore;
 
 /// One re-drive to record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,88 +40,80 @@ pub struct AuditRecord {
 
 /// The re-drive audit table of a [`SqlStore`] ([`crate::TableNames::audit`], created by
 /// [`SqlStore::migrate`]). Cheap to clone.
-#[derive(Clone, Debug)]
-pub struct DlqAudit {
-    store: SqlStore,
+#[derive(Debug)]
+pub struct DlqAudit<DB: Backend> {
+    store: SqlStore<DB>,
 }
 
-fn at(ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
+impl<DB: Backend> Clone for DlqAudit<DB> {
+    fn clone(&self) -> Self {
+        DlqAudit {
+            store: self.store.clone(),
+        }
+    }
 }
 
-impl DlqAudit {
-    pub(crate) fn new(store: SqlStore) -> Self {
+impl<DB: Backend> DlqAudit<DB> {
+    pub(crate) fn new(store: SqlStore<DB>) -> Self {
         DlqAudit { store }
     }
 
     /// Appends one record (every value a bound parameter); returns it as stored.
     pub async fn record(&self, entry: &RedriveAudit) -> Result<AuditRecord> {
-        let sql = &self.store.inner.sql;
-        let e = |e| storage("record a dead-letter re-drive", e);
-        let (position, ms): (i64, i64) = with_pool!(&self.store.inner.pool, p => {
-            let row = sqlx::query(sql.audit_insert.clone())
-                .bind(&entry.actor)
-                .bind(&entry.adapter)
-                .bind(&entry.message_id)
-                .bind(&entry.from_destination)
-                .bind(&entry.to_destination)
-                .bind(&entry.group)
-                .fetch_one(p)
-                .await
-                .map_err(e)?;
-            (row.try_get(0).map_err(e)?, row.try_get(1).map_err(e)?)
-        });
+        let what = "record a dead-letter re-drive";
+        let args = [
+            Arg::Text(&entry.actor),
+            Arg::Text(&entry.adapter),
+            Arg::Text(&entry.message_id),
+            Arg::Text(&entry.from_destination),
+            Arg::Text(&entry.to_destination),
+            Arg::Text(&entry.group),
+        ];
+        let rows = DB::fetch(
+            On::Pool(self.store.pool()),
+            &self.store.sql().audit.insert,
+            &args,
+        )
+        .await
+        .map_err(|e| storage(what, e))?;
+        let row = rows
+            .first()
+            .ok_or_else(|| crate::error::corrupt("the audit insert returned no row"))?;
+        let c = Columns::<DB>::of(row, what);
         Ok(AuditRecord {
-            position,
+            position: c.int(0)?,
             entry: entry.clone(),
-            redriven_at: at(ms),
+            redriven_at: at(c.int(1)?),
         })
     }
 
     /// Up to `limit` records after position `after`, oldest first.
     pub async fn list(&self, after: i64, limit: usize) -> Result<Vec<AuditRecord>> {
-        let sql = &self.store.inner.sql;
-        let e = |e| storage("list dead-letter re-drives", e);
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        type Raw = (i64, String, String, String, String, String, String, i64);
-        let rows: Vec<Raw> = with_pool!(&self.store.inner.pool, p => {
-            let rows = sqlx::query(sql.audit_list.clone())
-                .bind(after)
-                .bind(limit)
-                .fetch_all(p)
-                .await
-                .map_err(e)?;
-            let mut out = Vec::with_capacity(rows.len());
-            for r in &rows {
-                out.push((
-                    r.try_get(0).map_err(e)?,
-                    r.try_get(1).map_err(e)?,
-                    r.try_get(2).map_err(e)?,
-                    r.try_get(3).map_err(e)?,
-                    r.try_get(4).map_err(e)?,
-                    r.try_get(5).map_err(e)?,
-                    r.try_get(6).map_err(e)?,
-                    r.try_get(7).map_err(e)?,
-                ));
-            }
-            out
-        });
-        Ok(rows
-            .into_iter()
-            .map(
-                |(position, actor, adapter, message_id, from, to, group, ms)| AuditRecord {
-                    position,
+        let what = "list dead-letter re-drives";
+        let args = [Arg::Int(after), Arg::Int(count(limit))];
+        let rows = DB::fetch(
+            On::Pool(self.store.pool()),
+            &self.store.sql().audit.list,
+            &args,
+        )
+        .await
+        .map_err(|e| storage(what, e))?;
+        rows.iter()
+            .map(|row| {
+                let c = Columns::<DB>::of(row, what);
+                Ok(AuditRecord {
+                    position: c.int(0)?,
                     entry: RedriveAudit {
-                        actor,
-                        adapter,
-                        message_id,
-                        from_destination: from,
-                        to_destination: to,
-                        group,
+                        actor: c.text(1)?,
+                        adapter: c.text(2)?,
+                        message_id: c.text(3)?,
+                        from_destination: c.text(4)?,
+                        to_destination: c.text(5)?,
+                        group: c.text(6)?,
                     },
-                    redriven_at: at(ms),
-                },
-            )
-            .collect())
+                    redriven_at: at(c.int(7)?),
+                })
+            })
+            .collect()
     }
 }

@@ -8,9 +8,11 @@ use surety_core::{
     Subscriber, Topology, TransactionalPublisher,
 };
 
-use crate::prepared::{CheckerConfig, SqlTransactionalPublisher};
+use crate::backend::Backend;
+use crate::checker::CheckerConfig;
 use crate::relay::RelayConfig;
 use crate::store::SqlStore;
+use crate::transactional::SqlTransactionalPublisher;
 
 /// Wraps a broker without native half messages (RabbitMQ, Kafka) so that
 /// [`Broker::transactional_publisher`] returns a [`SqlTransactionalPublisher`] over the
@@ -19,15 +21,25 @@ use crate::store::SqlStore;
 ///
 /// Every transactional publisher runs a relay of its own: on SQLite keep to one
 /// transactional publisher per database file.
-#[derive(Clone)]
-pub struct WithSqlHalfMessages {
+pub struct WithSqlHalfMessages<DB: Backend> {
     inner: Arc<dyn Broker>,
-    store: SqlStore,
+    store: SqlStore<DB>,
     checker: CheckerConfig,
     relay: RelayConfig,
 }
 
-impl std::fmt::Debug for WithSqlHalfMessages {
+impl<DB: Backend> Clone for WithSqlHalfMessages<DB> {
+    fn clone(&self) -> Self {
+        WithSqlHalfMessages {
+            inner: self.inner.clone(),
+            store: self.store.clone(),
+            checker: self.checker.clone(),
+            relay: self.relay.clone(),
+        }
+    }
+}
+
+impl<DB: Backend> std::fmt::Debug for WithSqlHalfMessages<DB> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WithSqlHalfMessages")
             .field("inner", &self.inner.name())
@@ -36,11 +48,11 @@ impl std::fmt::Debug for WithSqlHalfMessages {
     }
 }
 
-impl WithSqlHalfMessages {
+impl<DB: Backend> WithSqlHalfMessages<DB> {
     /// Wraps `inner`. Migrate `store` first.
     pub fn new(
         inner: Arc<dyn Broker>,
-        store: SqlStore,
+        store: SqlStore<DB>,
         checker: CheckerConfig,
         relay: RelayConfig,
     ) -> Self {
@@ -53,13 +65,13 @@ impl WithSqlHalfMessages {
     }
 
     /// The store.
-    pub fn store(&self) -> &SqlStore {
+    pub fn store(&self) -> &SqlStore<DB> {
         &self.store
     }
 }
 
 #[async_trait]
-impl Broker for WithSqlHalfMessages {
+impl<DB: Backend> Broker for WithSqlHalfMessages<DB> {
     fn name(&self) -> &'static str {
         self.inner.name()
     }

@@ -45,6 +45,13 @@ pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
+/// A URL the store cannot use: `what` says what was expected. The URL may hold a password,
+/// so it is never echoed.
+#[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
+pub(crate) fn bad_url(what: &str) -> Error {
+    Error::new(ErrorKind::Configuration, what.to_owned()).with_context("adapter", ADAPTER)
+}
+
 /// A stored row that does not decode (written by something else, or corrupted).
 pub(crate) fn corrupt(what: impl Into<String>) -> Error {
     Error::new(ErrorKind::Storage, what)

@@ -12,14 +12,13 @@
 //!   database transaction**, so the compensation runs once however often the receipt
 //!   arrives, and not at all if the transaction fails (the receipt is then retried).
 //!
-//! With [`crate::StoreConfig::receipt_timeout`] set, the relay publishes a `SENT` row again
-//! when no receipt came within the timeout (each time counts an attempt; past the retry
-//! policy's `max_attempts` the row goes `DEAD`). The consumer's inbox recognises the repeat
+//! With [`crate::StoreConfig::receipt_timeout`] set, a `SENT` row with no receipt within the
+//! timeout is made due again by the receipt sweep ([`Receipts::redeliver_overdue`], a loop
+//! of its own in a running relay) and the relay publishes it again (each time counts an
+//! attempt; past the retry policy's `max_attempts` the row goes `DEAD`). The consumer's inbox recognises the repeat
 //! and skips the effect, so the consumer must send the receipt again on
 //! [`crate::InboxOutcome::Duplicate`] too. `COMPLETED` and `FAILED` rows are deleted by
 //! [`crate::SqlStore::cleanup`] after `sent_retention`, in batches.
-
-use std::marker::PhantomData;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
@@ -27,8 +26,11 @@ use surety_core::{
     Delivery, Error, Handler, HandlerError, Message, MessageId, Outcome, Result, headers,
 };
 
+use crate::backend::{Backend, On};
+use crate::entry::{EntryState, OutboxEntry};
 use crate::error::{ADAPTER, storage};
-use crate::store::{EntryState, OutboxEntry, SqlConnection, SqlStore};
+use crate::store::SqlStore;
+use crate::transitions;
 
 /// What a consumer reports about one message.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,13 +103,21 @@ pub struct Failure {
 }
 
 /// Records receipts in a [`SqlStore`]. Cheap to clone.
-#[derive(Clone, Debug)]
-pub struct Receipts {
-    store: SqlStore,
+#[derive(Debug)]
+pub struct Receipts<DB: Backend> {
+    store: SqlStore<DB>,
 }
 
-impl Receipts {
-    pub(crate) fn new(store: SqlStore) -> Self {
+impl<DB: Backend> Clone for Receipts<DB> {
+    fn clone(&self) -> Self {
+        Receipts {
+            store: self.store.clone(),
+        }
+    }
+}
+
+impl<DB: Backend> Receipts<DB> {
+    pub(crate) fn new(store: SqlStore<DB>) -> Self {
         Receipts { store }
     }
 
@@ -115,34 +125,37 @@ impl Receipts {
     /// Returns `false` when nothing changed (a repeated receipt, or an id this store does
     /// not hold).
     pub async fn complete(&self, id: &MessageId) -> Result<bool> {
-        Ok(self
-            .store
-            .apply_receipt(id, EntryState::Completed, None)
-            .await?
-            .is_some())
+        let on = On::Pool(self.store.pool());
+        let changed =
+            transitions::apply_receipt(&self.store, on, id, EntryState::Completed, None).await?;
+        Ok(changed.is_some())
+    }
+
+    /// The receipt sweep: up to `limit` `SENT` rows whose receipt is older than
+    /// [`crate::StoreConfig::receipt_timeout`] go back to `PENDING`, due now, for the relay
+    /// to publish again. Returns how many; 0 when receipts are off. A running relay
+    /// ([`crate::Relay::spawn`]) runs it in a loop of its own, and
+    /// [`crate::Relay::run_once`] and [`crate::Relay::drain`] once per call.
+    pub async fn redeliver_overdue(&self, limit: usize) -> Result<u64> {
+        match self.store.config().receipt_timeout {
+            Some(timeout) => transitions::redeliver_overdue(&self.store, timeout, limit).await,
+            None => Ok(0),
+        }
     }
 
     /// The message `id` failed at the consumer for `reason`: in one transaction the row
     /// becomes `FAILED` and `compensate` runs on that transaction. Returns `false`, without
     /// calling `compensate`, when nothing changed (a repeated receipt, an unknown id). An
     /// error from `compensate` rolls both back.
-    ///
-    /// `C` is the store's connection type (`PgConnection` or `SqliteConnection`).
-    pub async fn fail<C, F>(&self, id: &MessageId, reason: &str, compensate: F) -> Result<bool>
+    pub async fn fail<F>(&self, id: &MessageId, reason: &str, compensate: F) -> Result<bool>
     where
-        C: SqlConnection,
-        F: for<'c> FnOnce(&'c mut C, Failure) -> BoxFuture<'c, Result<()>> + Send,
+        F: for<'c> FnOnce(&'c mut DB::Connection, Failure) -> BoxFuture<'c, Result<()>> + Send,
     {
-        let mut tx = C::begin_on(&self.store).await?;
-        let conn: &mut C = &mut tx;
-        let Some(entry) = conn
-            .apply_receipt(
-                &self.store,
-                id.as_str(),
-                EntryState::Failed.as_str(),
-                Some(reason),
-            )
-            .await?
+        let mut tx = self.store.begin("record a failed receipt").await?;
+        let on = On::Conn(&mut *tx);
+        let Some(entry) =
+            transitions::apply_receipt(&self.store, on, id, EntryState::Failed, Some(reason))
+                .await?
         else {
             let _ = tx.rollback().await;
             return Ok(false);
@@ -171,32 +184,30 @@ impl Receipts {
 /// `compensate` for failures (once per message, in the transaction that marks it
 /// `FAILED`). A message that is not a receipt is rejected (dead-lettered with the reason);
 /// a database error is a retry.
-pub struct ReceiptHandler<C, F> {
-    receipts: Receipts,
+pub struct ReceiptHandler<DB: Backend, F> {
+    receipts: Receipts<DB>,
     compensate: F,
-    connection: PhantomData<fn() -> C>,
 }
 
-impl<C, F> ReceiptHandler<C, F>
+impl<DB, F> ReceiptHandler<DB, F>
 where
-    C: SqlConnection,
-    F: for<'c> Fn(&'c mut C, Failure) -> BoxFuture<'c, Result<()>> + Send + Sync,
+    DB: Backend,
+    F: for<'c> Fn(&'c mut DB::Connection, Failure) -> BoxFuture<'c, Result<()>> + Send + Sync,
 {
     /// A handler recording receipts in `store`.
-    pub fn new(store: &SqlStore, compensate: F) -> Self {
+    pub fn new(store: &SqlStore<DB>, compensate: F) -> Self {
         ReceiptHandler {
             receipts: store.receipts(),
             compensate,
-            connection: PhantomData,
         }
     }
 }
 
 #[async_trait]
-impl<C, F> Handler for ReceiptHandler<C, F>
+impl<DB, F> Handler for ReceiptHandler<DB, F>
 where
-    C: SqlConnection,
-    F: for<'c> Fn(&'c mut C, Failure) -> BoxFuture<'c, Result<()>> + Send + Sync,
+    DB: Backend,
+    F: for<'c> Fn(&'c mut DB::Connection, Failure) -> BoxFuture<'c, Result<()>> + Send + Sync,
 {
     async fn handle(&self, delivery: &Delivery) -> std::result::Result<Outcome, HandlerError> {
         let (id, outcome) = match parse_receipt(&delivery.message) {

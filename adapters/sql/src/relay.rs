@@ -1,4 +1,6 @@
-//! The relay: publishes due outbox rows with confirm and records the outcome.
+//! The relay: leases due outbox rows (`lease.rs`), publishes them with confirm and
+//! records the outcome (`transitions.rs`). A running relay also runs the receipt sweep
+//! (`receipts.rs`) as a loop of its own beside the publishing loop.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -6,8 +8,12 @@ use std::time::{Duration, Instant};
 use surety_core::{ErrorKind, Message, MessageId, Publisher, Result, RetryPolicy, telemetry};
 use tracing::Instrument;
 
-use crate::store::{EntryState, OutboxEntry, SqlStore};
-use crate::worker::Worker;
+use crate::backend::Backend;
+use crate::entry::OutboxEntry;
+use crate::lease;
+use crate::store::SqlStore;
+use crate::transitions::{self, FailedAttempt, Next};
+use crate::worker::{StopSignal, Worker};
 
 /// Longest last error kept on a row, in characters.
 const MAX_ERROR_LEN: usize = 2000;
@@ -74,15 +80,25 @@ impl RelayStats {
 /// one relay (one lease owner).
 ///
 /// PostgreSQL: run as many relays as you like on one database. SQLite: run one.
-#[derive(Clone)]
-pub struct Relay {
-    store: SqlStore,
+pub struct Relay<DB: Backend> {
+    store: SqlStore<DB>,
     publisher: Arc<dyn Publisher>,
     config: Arc<RelayConfig>,
     owner: Arc<str>,
 }
 
-impl std::fmt::Debug for Relay {
+impl<DB: Backend> Clone for Relay<DB> {
+    fn clone(&self) -> Self {
+        Relay {
+            store: self.store.clone(),
+            publisher: self.publisher.clone(),
+            config: self.config.clone(),
+            owner: self.owner.clone(),
+        }
+    }
+}
+
+impl<DB: Backend> std::fmt::Debug for Relay<DB> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Relay")
             .field("owner", &self.owner)
@@ -94,9 +110,9 @@ impl std::fmt::Debug for Relay {
 /// How often a running relay refreshes the outbox depth and lag gauges.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(10);
 
-impl Relay {
+impl<DB: Backend> Relay<DB> {
     /// A relay for `store`'s outbox publishing through `publisher`.
-    pub fn new(store: SqlStore, publisher: Arc<dyn Publisher>, config: RelayConfig) -> Relay {
+    pub fn new(store: SqlStore<DB>, publisher: Arc<dyn Publisher>, config: RelayConfig) -> Self {
         let owner: Arc<str> = match &config.owner {
             Some(owner) => owner.as_str().into(),
             None => format!("relay-{}", uuid::Uuid::now_v7()).into(),
@@ -114,22 +130,31 @@ impl Relay {
         &self.owner
     }
 
-    /// Leases one batch of due rows, publishes it and records the outcomes.
+    /// One pass: the receipt sweep (receipts on: sent rows without a receipt in time are
+    /// due again), then one batch of due rows leased, published and recorded.
     pub async fn run_once(&self) -> Result<RelayStats> {
+        self.sweep_receipts().await?;
         let entries = self.claim().await?;
         self.publish_batch(entries).await
     }
 
-    /// Leases the next batch of due rows (after making overdue receipts due again).
+    /// Leases the next batch of due rows.
     async fn claim(&self) -> Result<Vec<OutboxEntry>> {
-        if let Some(timeout) = self.store.config().receipt_timeout {
-            // Receipts on: a sent row the consumer never confirmed is due again.
-            self.store
-                .redeliver_overdue(timeout, self.config.batch_size)
-                .await?;
-        }
+        lease::claim_due(
+            &self.store,
+            &self.owner,
+            self.config.lease,
+            self.config.batch_size,
+        )
+        .await
+    }
+
+    /// The receipt sweep's step, up to one batch; nothing when receipts are off. Returns
+    /// how many rows it made due again.
+    async fn sweep_receipts(&self) -> Result<u64> {
         self.store
-            .claim_due(&self.owner, self.config.lease, self.config.batch_size)
+            .receipts()
+            .redeliver_overdue(self.config.batch_size)
             .await
     }
 
@@ -139,8 +164,8 @@ impl Relay {
             .await
     }
 
-    /// Runs batches until none is due, leasing each next batch while one publishes (see
-    /// [`Relay::spawn`]). Returns the sum.
+    /// Runs the receipt sweep once, then batches until none is due, leasing each next
+    /// batch while one publishes (see [`Relay::spawn`]). Returns the sum.
     pub async fn drain(&self) -> Result<RelayStats> {
         self.drain_with(|_| {}).await
     }
@@ -149,6 +174,7 @@ impl Relay {
     /// (progress for an operator, or timing).
     pub async fn drain_with(&self, mut on_batch: impl FnMut(RelayStats)) -> Result<RelayStats> {
         let mut total = RelayStats::default();
+        self.sweep_receipts().await?;
         let mut batch = self.claim().await?;
         while !batch.is_empty() {
             let (published, next) = self.publish_leasing_next(batch).await;
@@ -176,10 +202,7 @@ impl Relay {
     /// The fast path: publishes these messages now (after the application committed),
     /// if they are still due and not leased. Rows it cannot take are left to the loop.
     pub async fn publish_now(&self, ids: &[MessageId]) -> Result<RelayStats> {
-        let entries = self
-            .store
-            .claim_ids(&self.owner, self.config.lease, ids)
-            .await?;
+        let entries = lease::claim_ids(&self.store, &self.owner, self.config.lease, ids).await?;
         self.publish_entries(entries).await
     }
 
@@ -189,10 +212,9 @@ impl Relay {
     /// not happen; a failed publish leaves the committed row to the loop, as
     /// [`Relay::publish_now`] does.
     pub(crate) async fn commit_prepared(&self, id: i64) -> Result<Option<Result<RelayStats>>> {
-        let Some(entry) = self
-            .store
-            .commit_prepared_leased(id, &self.owner, self.config.lease)
-            .await?
+        let Some(entry) =
+            transitions::commit_prepared_leased(&self.store, id, &self.owner, self.config.lease)
+                .await?
         else {
             return Ok(None);
         };
@@ -200,59 +222,84 @@ impl Relay {
     }
 
     /// Runs the relay in the background until the worker is stopped. Errors (database
-    /// down) are logged and the loop keeps polling.
+    /// down) are logged and the loops keep polling.
     ///
-    /// While a full batch publishes, the next one is leased: the database round trips of
-    /// the lease overlap the broker's confirms instead of following them. Batches still
-    /// publish one after another, in order. A batch leased ahead is handed back (its
-    /// lease and attempt undone) when the worker is shut down; after an abort it waits
-    /// for its lease to expire, as after a crash.
+    /// Two loops run under the one worker. The publishing loop leases a batch, and while a
+    /// full batch publishes it leases the next one: the database round trips of the lease
+    /// overlap the broker's confirms instead of following them. Batches still publish one
+    /// after another, in order. A batch leased ahead is handed back (its lease and attempt
+    /// undone) when the worker is shut down; after an abort it waits for its lease to
+    /// expire, as after a crash. With receipts on, the receipt sweep runs beside it every
+    /// poll interval (at once again while it finds a full batch), so overdue rows become
+    /// due without costing the lease of every batch a second statement.
     pub fn spawn(&self) -> Worker {
         let relay = self.clone();
-        let idle = self.config.poll_interval;
-        Worker::spawn_loop(move |mut stop| async move {
-            let mut gauges_due = Instant::now();
-            let mut ahead: Option<Vec<OutboxEntry>> = None;
-            while !stop.requested() {
-                if Instant::now() >= gauges_due {
-                    // Counting rows per state scans the table: a slower clock than the
-                    // polls. Failures are the database being down: the pass says so.
-                    gauges_due = Instant::now() + GAUGE_INTERVAL;
-                    let _ = relay.store.counts().await;
-                    let _ = relay.store.lag().await;
-                }
-                let batch = match ahead.take() {
-                    Some(batch) => batch,
-                    None => match relay.claim().await {
-                        Ok(batch) if !batch.is_empty() => batch,
-                        Ok(_) => {
-                            stop.sleep(idle).await;
-                            continue;
-                        }
-                        Err(e) => {
-                            relay.pass_failed(&e);
-                            stop.sleep(idle).await;
-                            continue;
-                        }
-                    },
-                };
-                let (published, next) = relay.publish_leasing_next(batch).await;
-                if let Err(e) = published {
-                    relay.pass_failed(&e);
-                }
-                match next {
-                    Some(Ok(next)) if !next.is_empty() => ahead = Some(next),
-                    Some(Err(e)) => {
-                        relay.pass_failed(&e);
-                        stop.sleep(idle).await;
-                    }
-                    _ => stop.sleep(idle).await,
-                }
-            }
-            if let Some(batch) = ahead {
-                relay.hand_back(&batch).await;
-            }
+        Worker::spawn_loop(move |stop| async move {
+            let sweeping = relay.clone().sweep_loop(stop.clone());
+            tokio::join!(relay.publish_loop(stop), sweeping);
         })
+    }
+
+    /// The publishing loop of [`Relay::spawn`].
+    async fn publish_loop(self, mut stop: StopSignal) {
+        let idle = self.config.poll_interval;
+        let mut gauges_due = Instant::now();
+        let mut ahead: Option<Vec<OutboxEntry>> = None;
+        while !stop.requested() {
+            if Instant::now() >= gauges_due {
+                // Counting rows per state scans the table: a slower clock than the
+                // polls. Failures are the database being down: the pass says so.
+                gauges_due = Instant::now() + GAUGE_INTERVAL;
+                let _ = self.store.counts().await;
+                let _ = self.store.lag().await;
+            }
+            let batch = match ahead.take() {
+                Some(batch) => batch,
+                None => match self.claim().await {
+                    Ok(batch) if !batch.is_empty() => batch,
+                    Ok(_) => {
+                        stop.sleep(idle).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        self.pass_failed(&e);
+                        stop.sleep(idle).await;
+                        continue;
+                    }
+                },
+            };
+            let (published, next) = self.publish_leasing_next(batch).await;
+            if let Err(e) = published {
+                self.pass_failed(&e);
+            }
+            match next {
+                Some(Ok(next)) if !next.is_empty() => ahead = Some(next),
+                Some(Err(e)) => {
+                    self.pass_failed(&e);
+                    stop.sleep(idle).await;
+                }
+                _ => stop.sleep(idle).await,
+            }
+        }
+        if let Some(batch) = ahead {
+            self.hand_back(&batch).await;
+        }
+    }
+
+    /// The receipt sweep's loop of [`Relay::spawn`]; ends at once when receipts are off.
+    async fn sweep_loop(self, mut stop: StopSignal) {
+        if self.store.config().receipt_timeout.is_none() {
+            return;
+        }
+        let full = self.config.batch_size.max(1) as u64;
+        while !stop.requested() {
+            match self.sweep_receipts().await {
+                Ok(n) if n >= full => continue,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(owner = %self.owner, error = %e, "receipt sweep failed"),
+            }
+            stop.sleep(self.config.poll_interval).await;
+        }
     }
 
     /// Publishes `batch` and, if it was full (more may be due), leases the next batch
@@ -273,7 +320,7 @@ impl Relay {
     /// lease to expire.
     async fn hand_back(&self, batch: &[OutboxEntry]) {
         let ids: Vec<i64> = batch.iter().map(|e| e.id).collect();
-        if let Err(e) = self.store.release(&self.owner, &ids).await {
+        if let Err(e) = lease::release(&self.store, &self.owner, &ids).await {
             tracing::warn!(owner = %self.owner, error = %e, rows = ids.len(),
                 "could not hand back rows leased ahead; they wait for their lease to expire");
         }
@@ -303,7 +350,11 @@ impl Relay {
                 "leased {} times without a publish outcome (relay crashed or lease too short)",
                 entry.attempts - 1
             );
-            failed.push((entry.id, EntryState::Dead, Duration::ZERO, error));
+            failed.push(FailedAttempt {
+                id: entry.id,
+                next: Next::Dead,
+                error,
+            });
         }
         let messages: Vec<Message> = entries.iter().map(|e| e.message.clone()).collect();
         let results = if messages.is_empty() {
@@ -328,20 +379,24 @@ impl Relay {
                         error = %error,
                         "outbox publish failed"
                     );
-                    if last {
-                        failed.push((entry.id, EntryState::Dead, Duration::ZERO, error));
+                    let next = if last {
+                        Next::Dead
                     } else {
-                        let delay = policy.delay(entry.attempts);
-                        failed.push((entry.id, EntryState::Pending, delay, error));
-                    }
+                        Next::Retry(policy.delay(entry.attempts))
+                    };
+                    failed.push(FailedAttempt {
+                        id: entry.id,
+                        next,
+                        error,
+                    });
                 }
             }
         }
-        let marked_sent = self.store.mark_sent(&self.owner, &sent).await?;
+        let marked_sent = transitions::mark_sent(&self.store, &self.owner, &sent).await?;
         stats.sent = marked_sent;
         stats.lease_lost += sent.len() as u64 - marked_sent;
-        let dead = failed.iter().filter(|f| f.1 == EntryState::Dead).count() as u64;
-        let marked_failed = self.store.mark_failed(&self.owner, &failed).await?;
+        let dead = failed.iter().filter(|f| f.next == Next::Dead).count() as u64;
+        let marked_failed = transitions::mark_failed(&self.store, &self.owner, &failed).await?;
         if marked_failed == failed.len() as u64 {
             stats.dead = dead;
             stats.retried = marked_failed - dead;

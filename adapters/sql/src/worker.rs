@@ -61,7 +61,9 @@ impl Worker {
     }
 }
 
-/// The loop's side of [`Worker::shutdown`].
+/// The loop's side of [`Worker::shutdown`]. Clones watch the same worker (one per loop
+/// when a worker runs several).
+#[derive(Clone)]
 pub(crate) struct StopSignal(watch::Receiver<bool>);
 
 impl StopSignal {

@@ -8,15 +8,15 @@ use std::time::Duration;
 use surety_conformance::runner::{quiet_deliberate_panics, with_sql_half_messages};
 use surety_conformance::{CASES, Fixture};
 use surety_core::{Broker, Capability};
-use surety_sql::{SqlStore, StoreConfig, TableNames};
+use surety_sql::{PgStore, StoreConfig, TableNames};
 
 fn postgres_url() -> String {
     std::env::var("SURETY_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://surety:surety@127.0.0.1:5432/surety".into())
 }
 
-async fn store(prefix: &str) -> SqlStore {
-    let store = SqlStore::connect(
+async fn store(prefix: &str) -> PgStore {
+    let store = PgStore::connect(
         &postgres_url(),
         StoreConfig::default().tables(TableNames::prefixed(prefix)),
     )
@@ -26,10 +26,10 @@ async fn store(prefix: &str) -> SqlStore {
     store
 }
 
-async fn drop_tables(store: &SqlStore, prefix: &str) {
+async fn drop_tables(store: &PgStore, prefix: &str) {
     let ddl = format!("DROP TABLE IF EXISTS {prefix}_outbox, {prefix}_inbox, {prefix}_migrations");
     let _ = surety_sql::sqlx::raw_sql(surety_sql::sqlx::AssertSqlSafe(ddl))
-        .execute(store.pg_pool().unwrap())
+        .execute(store.pool())
         .await;
     store.close().await;
 }

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 
 use futures::future::BoxFuture;
 use surety_core::{Message, MessageId};
-use surety_sql::sqlx::{self, AssertSqlSafe, PgConnection, PgPool, Row};
-use surety_sql::{SqlStore, StoreConfig, TableNames};
+use surety_sql::sqlx::{self, AssertSqlSafe, PgPool, Row};
+use surety_sql::{PgStore, StoreConfig, TableNames};
 
 use super::EffectStore;
 use crate::runner::postgres_url;
@@ -17,7 +17,7 @@ use crate::runner::postgres_url;
 /// Effects as rows of a table of their own, each written in the inbox's transaction on
 /// PostgreSQL, so a row per id counts how often the effect was applied.
 pub(super) struct PgInboxEffects {
-    pub(super) store: SqlStore,
+    pub(super) store: PgStore,
     pub(super) prefix: String,
     effects_table: String,
 }
@@ -25,7 +25,7 @@ pub(super) struct PgInboxEffects {
 impl PgInboxEffects {
     pub(super) async fn create() -> Result<Self, String> {
         let prefix = format!("faults_{:08x}", rand::random::<u32>());
-        let store = SqlStore::connect(
+        let store = PgStore::connect(
             &postgres_url(),
             StoreConfig::default().tables(TableNames::prefixed(&prefix)),
         )
@@ -33,7 +33,7 @@ impl PgInboxEffects {
         .map_err(|e| format!("cannot reach PostgreSQL (SURETY_POSTGRES_URL): {e}"))?;
         store.migrate().await.map_err(|e| format!("migrate: {e}"))?;
         let effects_table = format!("{prefix}_effects");
-        let pool = store.pg_pool().ok_or("the store is not on PostgreSQL")?;
+        let pool = store.pool();
         sqlx::query(AssertSqlSafe(format!(
             "CREATE TABLE {effects_table} (message_id TEXT NOT NULL, consumer TEXT NOT NULL)"
         )))
@@ -47,17 +47,13 @@ impl PgInboxEffects {
         })
     }
 
-    pub(super) fn pool(&self) -> Result<&PgPool, String> {
-        self.store
-            .pg_pool()
-            .ok_or_else(|| "the store is not on PostgreSQL".to_string())
+    pub(super) fn pool(&self) -> &PgPool {
+        self.store.pool()
     }
 
     /// Drops the scenario's tables; failures only leave tables behind.
     pub(super) async fn drop_tables(&self) {
-        let Some(pool) = self.store.pg_pool() else {
-            return;
-        };
+        let pool = self.store.pool();
         let t = &self.store.config().tables;
         let business = format!("{}_business", self.prefix);
         let started = format!("{}_started", self.prefix);
@@ -87,7 +83,7 @@ impl EffectStore for PgInboxEffects {
         let outcome = self
             .store
             .inbox()
-            .process(consumer, message, move |tx: &mut PgConnection| {
+            .process(consumer, message, move |tx| {
                 Box::pin(async move {
                     sqlx::query(AssertSqlSafe(insert))
                         .bind(id)
@@ -107,10 +103,7 @@ impl EffectStore for PgInboxEffects {
     }
 
     async fn applied(&self) -> Result<HashMap<MessageId, usize>, String> {
-        let pool = self
-            .store
-            .pg_pool()
-            .ok_or("the store is not on PostgreSQL")?;
+        let pool = self.store.pool();
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT message_id, COUNT(*) AS n FROM {} GROUP BY message_id",
             self.effects_table
@@ -129,8 +122,8 @@ impl EffectStore for PgInboxEffects {
     }
 }
 
-pub(super) async fn store_for(prefix: &str) -> Result<SqlStore, String> {
-    SqlStore::connect(
+pub(super) async fn store_for(prefix: &str) -> Result<PgStore, String> {
+    PgStore::connect(
         &postgres_url(),
         StoreConfig::default().tables(TableNames::prefixed(prefix)),
     )

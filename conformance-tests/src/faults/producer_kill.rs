@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use surety_core::{Broker, Capability, Message, MessageId, TxState, check_back_fn};
-use surety_sql::SqlStore;
+use surety_sql::PgStore;
 use surety_sql::sqlx::{self, AssertSqlSafe};
 
 use super::children::{
@@ -28,7 +28,7 @@ use crate::support::unique_name;
 /// The broker a producer of half messages uses: its own half messages when it has them
 /// (RocketMQ), otherwise the SQL prepared store (RabbitMQ and Kafka, as the conformance
 /// runner builds them).
-fn half_message_broker(inner: Arc<dyn Broker>, store: SqlStore) -> Arc<dyn Broker> {
+fn half_message_broker(inner: Arc<dyn Broker>, store: PgStore) -> Arc<dyn Broker> {
     if inner.capabilities().supports(Capability::HalfMessages) {
         inner
     } else {
@@ -52,7 +52,7 @@ pub(super) fn child_producer(
     let f = build(&adapter)?.fixture;
     runtime().block_on(async move {
         let store = store_for(&prefix).await?;
-        let pool = store.pg_pool().ok_or("not PostgreSQL")?.clone();
+        let pool = store.pool().clone();
         let broker = half_message_broker(f.broker.clone(), store);
         let unknown = Arc::new(check_back_fn(|_m: Message| async { TxState::Unknown }));
         let publisher = setup(
@@ -116,7 +116,7 @@ async fn producer_kill(
     let mut row = FaultRow::not_run(PRODUCER_KILL, adapter, "");
     row.ran = true;
     row.messages = PRODUCER_MESSAGES;
-    let pool = effects.pool()?.clone();
+    let pool = effects.pool().clone();
     let prefix = effects.prefix.clone();
     for table in ["business", "started"] {
         sqlx::query(AssertSqlSafe(format!(

@@ -88,7 +88,7 @@ async fn relay_kill(
     row.ran = true;
     row.messages = RELAY_MESSAGES;
     let store = effects.store.clone();
-    let pool = effects.pool()?.clone();
+    let pool = effects.pool().clone();
     let outbox_table = store.config().tables.outbox.clone();
     let (dest, group) = declare(f, "fault-relay").await?;
     let consumer = Arc::new(DyingConsumer::inbox(effects.clone(), &group));
