@@ -11,8 +11,8 @@ use surety_sql::sqlx::{self, AssertSqlSafe, Pool, Postgres, Sqlite};
 use surety_sql::{Backend, Dialect, EntryState, OutboxEntry, SqlStore, StoreConfig, TableNames};
 
 use crate::output::{Failure, cell, human, print_json, print_table};
-use crate::redact::redact_url;
 use crate::{Cli, Command, DbArgs, InboxCommand, OutboxCommand, database_url};
+use surety_core::redact::redact_url;
 
 type Outcome = std::result::Result<(), Failure>;
 

@@ -15,8 +15,8 @@ use surety_sql::{
 };
 
 use crate::output::{Failure, cell, human, print_json, print_table};
-use crate::redact::redact_url;
 use crate::{Cli, DlqCommand, DlqTarget};
+use surety_core::redact::redact_url;
 
 type Outcome = std::result::Result<(), Failure>;
 

@@ -65,7 +65,6 @@
 mod commands;
 mod dlq;
 mod output;
-mod redact;
 mod verify;
 
 use std::process::ExitCode;

@@ -20,10 +20,12 @@ pub(crate) struct Failure {
 impl Failure {
     /// A Surety error, with `url`'s password scrubbed from its text.
     pub fn from_error(e: &surety_core::Error, url: Option<&str>) -> Failure {
-        let mut text = crate::redact::scrub(&e.to_string(), url);
+        let mut text = surety_core::redact::scrub(&e.to_string(), url);
         // The commonest first-day mistake: the tables were never created (or another
         // prefix was meant).
-        if text.contains("does not exist") || text.contains("no such table") {
+        if e.kind() == surety_core::ErrorKind::Storage
+            && (text.contains("does not exist") || text.contains("no such table"))
+        {
             text.push_str(
                 " (hint: run `surety migrate`, or check --table-prefix / SURETY_TABLE_PREFIX)",
             );

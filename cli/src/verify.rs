@@ -12,7 +12,7 @@ use surety_sql::{Backend, Dialect, SqlStore, StoreConfig, TableNames};
 
 use crate::Cli;
 use crate::output::{Failure, print_json};
-use crate::redact::{redact_url, scrub};
+use surety_core::redact::{redact_url, scrub};
 
 /// Prefix of the tables that back half messages on RabbitMQ and Kafka during a verify
 /// run: kept apart from the application's outbox, so its relay never sees test rows.

@@ -23,7 +23,12 @@ fn unique(what: &str) -> String {
     format!("{what}_{}_{nanos}", std::process::id())
 }
 
-/// Runs `surety args...` with no connection settings inherited from the environment.
+/// A RocketMQ secret key the tests put in a broker URL (the open test broker ignores
+/// ACL keys): no output of any command may show it.
+const ROCKETMQ_SECRET: &str = "sk/cli@S3CRET:x";
+
+/// Runs `surety args...` with no connection settings inherited from the environment, and
+/// checks that its output shows no secret the tests hand it.
 fn surety(args: &[&str]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_surety"))
         .args(args)
@@ -33,13 +38,22 @@ fn surety(args: &[&str]) -> Output {
         .env_remove("SURETY_BROKER_URL")
         .output()
         .expect("run surety");
-    eprintln!(
-        "$ surety {}\n  exit {:?}\n{}{}",
-        args.join(" "),
-        out.status.code(),
+    let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
     );
+    eprintln!(
+        "$ surety {}\n  exit {:?}\n{stdout}{stderr}",
+        surety_core::redact::redact_text(&args.join(" ")),
+        out.status.code(),
+    );
+    for secret in [ROCKETMQ_SECRET, "S3CRET"] {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "a secret in the output of surety {}",
+            surety_core::redact::redact_text(&args.join(" "))
+        );
+    }
     out
 }
 
@@ -895,7 +909,7 @@ async fn dlq_kafka() {
 async fn dlq_rocketmq() {
     let namesrv = env_or("SURETY_ROCKETMQ_NAMESRV", "127.0.0.1:9876");
     dlq_cycle(
-        &format!("rocketmq://{namesrv}"),
+        &format!("rocketmq://{namesrv}?access_key=surety-cli&secret_key={ROCKETMQ_SECRET}"),
         "rocketmq",
         postgres_audit().await,
     )

@@ -28,6 +28,7 @@ mod message;
 mod panic;
 mod publish;
 pub mod raw;
+pub mod redact;
 mod retry;
 pub mod telemetry;
 mod transaction;

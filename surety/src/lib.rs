@@ -56,6 +56,7 @@
 mod connect;
 
 pub use connect::connect;
+pub use surety_core::redact;
 pub use surety_core::telemetry;
 pub use surety_core::{
     Broker, BrokerTransaction, Capabilities, Capability, CapabilityCheck, CheckBack, CheckBackFn,
