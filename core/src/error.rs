@@ -32,6 +32,14 @@ pub enum ErrorKind {
     Unsupported,
     /// The configuration is wrong (bad URL, topology mismatch, invalid table name).
     Configuration,
+    /// The broker or database refused the credentials (wrong password, unknown user, a
+    /// client certificate it does not accept). Retrying with the same settings will not
+    /// help.
+    Authentication,
+    /// The credentials were accepted but do not allow the operation (publish to a topic,
+    /// consume a group, use a transactional id). Retrying will not help until the rights
+    /// change.
+    Authorization,
     /// The local store (outbox, inbox, prepared messages) failed.
     Storage,
     /// The client is in a state it cannot leave on its own (fenced Kafka producer, closed
@@ -62,6 +70,8 @@ impl ErrorKind {
             ErrorKind::InvalidMessage => "invalid_message",
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::Configuration => "configuration",
+            ErrorKind::Authentication => "authentication",
+            ErrorKind::Authorization => "authorization",
             ErrorKind::Storage => "storage",
             ErrorKind::Fatal => "fatal",
         }

@@ -78,6 +78,18 @@ impl Connector {
         let attempt = Connection::connect_uri(self.uri.clone(), properties);
         let connection = match tokio::time::timeout(self.config.connect_timeout, attempt).await {
             Ok(Ok(c)) => Arc::new(c),
+            Ok(Err(e)) if error::is_access_refused(&e) => {
+                // A settings error: a retry loop must not spin on it.
+                return Err(Error::new(
+                    ErrorKind::Authentication,
+                    format!(
+                        "RabbitMQ at {} refused the login: check the user, its password and                          its access to the vhost",
+                        self.config.redacted_url()
+                    ),
+                )
+                .with_context("adapter", ADAPTER)
+                .with_source(e));
+            }
             Ok(Err(e)) => {
                 return Err(Error::new(
                     ErrorKind::Unavailable,

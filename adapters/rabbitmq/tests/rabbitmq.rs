@@ -32,6 +32,45 @@ async fn connect() -> RabbitBroker {
     connect_with(config()).await
 }
 
+/// The test broker's URL with other credentials (as written: percent-encode what a URL
+/// cannot hold raw).
+fn with_credentials(user: &str, password: &str) -> RabbitConfig {
+    let url = config().url;
+    let after_scheme = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+    let host_and_vhost = after_scheme
+        .rsplit_once('@')
+        .map_or(after_scheme, |(_, host)| host);
+    RabbitConfig {
+        url: format!("amqp://{user}:{password}@{host_and_vhost}"),
+        connect_timeout: Duration::from_secs(5),
+        ..config()
+    }
+}
+
+/// A wrong password and an unknown user are refused logins: one typed error that says a
+/// retry will not help (not `Unavailable`, which a retry loop would spin on), within the
+/// connect timeout, and the password appears nowhere in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_login_is_an_authentication_error_without_the_password() {
+    // The password n0t/the:p@ss%word, percent-encoded as a URL must carry it.
+    let encoded = "n0t%2Fthe%3Ap%40ss%25word";
+    for user in ["guest", "surety-no-such-user"] {
+        let config = with_credentials(user, encoded);
+        let timeout = config.connect_timeout;
+        let started = Instant::now();
+        let Err(e) = RabbitBroker::connect(config).await else {
+            panic!("the broker must refuse these credentials ({user})");
+        };
+        assert!(started.elapsed() <= timeout, "{:?}", started.elapsed());
+        assert_eq!(e.kind(), ErrorKind::Authentication, "{user}: {e:?}");
+        assert!(!e.is_retryable(), "{e:?}");
+        let printed = format!("{e} {e:?}");
+        for part in [encoded, "n0t/the", "p@ss%word", "n0t"] {
+            assert!(!printed.contains(part), "{part} in {printed}");
+        }
+    }
+}
+
 type Seen = Arc<Mutex<Vec<Delivery>>>;
 
 /// Subscribes a handler that records deliveries and answers with `outcome`.
