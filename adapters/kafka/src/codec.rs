@@ -5,7 +5,12 @@
 //! record key, so the default partitioner puts one key on one partition. Retried messages
 //! carry `surety-attempt` (deliveries before), `surety-retry-at` (when they are due) and
 //! `surety-retry-of` (the topic they came from); those are the adapter's own and are
-//! removed before the handler sees the message.
+//! removed before the handler sees the message. They are obeyed only on a record read
+//! from a group's retry topic, which only the adapter writes ([`Origin::RetryTopic`]):
+//! on any other topic anyone with publish rights can set them, so there they are plain
+//! headers (a far-future `surety-retry-at` would otherwise stall the partition, a
+//! `surety-retry-of` rename the destination, a `surety-attempt` dead-letter a fresh
+//! message).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -52,7 +57,18 @@ pub(crate) struct Decoded {
     pub(crate) due: Option<SystemTime>,
 }
 
-pub(crate) fn decode(record: &OwnedMessage) -> Decoded {
+/// Where a consumed record was read from, which decides whether its retry headers are
+/// the adapter's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// The subscription's own retry topic: written only by the adapter.
+    RetryTopic,
+    /// Any other topic (the subscribed one, a dead-letter topic): anyone may write it.
+    Open,
+}
+
+pub(crate) fn decode(record: &OwnedMessage, origin: Origin) -> Decoded {
+    let trusted = origin == Origin::RetryTopic;
     let payload = record.payload().map(<[u8]>::to_vec).unwrap_or_default();
     let mut message = Message::new(record.topic(), payload);
     let mut id = None;
@@ -67,14 +83,14 @@ pub(crate) fn decode(record: &OwnedMessage) -> Decoded {
             match header.key {
                 headers::MESSAGE_ID => id = MessageId::parse(value).ok(),
                 headers::CREATED_AT => created = value.parse::<u64>().ok(),
-                headers::ATTEMPT => prior_attempts = value.parse().unwrap_or(0),
-                RETRY_AT => {
+                headers::ATTEMPT if trusted => prior_attempts = value.parse().unwrap_or(0),
+                RETRY_AT if trusted => {
                     due = value
                         .parse::<u64>()
                         .ok()
                         .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
                 }
-                RETRY_OF => message = message.with_destination(value),
+                RETRY_OF if trusted => message = message.with_destination(value),
                 name => message = message.with_header(name, value),
             }
         }
@@ -167,7 +183,7 @@ mod tests {
         let m = Message::new("orders", "x")
             .with_key("k")
             .with_header("seq", "7");
-        let d = decode(&record(&m, "orders"));
+        let d = decode(&record(&m, "orders"), Origin::Open);
         assert_eq!(d.message.id(), m.id());
         assert_eq!(d.message.key(), Some("k"));
         assert_eq!(d.message.header("seq"), Some("7"));
@@ -182,11 +198,24 @@ mod tests {
         let m = Message::new("orders", "x");
         let due = SystemTime::now() + Duration::from_secs(2);
         let r = retry_message(&m, "orders.g.retry", 2, due);
-        let d = decode(&record(&r, "orders.g.retry"));
+        let d = decode(&record(&r, "orders.g.retry"), Origin::RetryTopic);
         assert_eq!(d.message.destination(), "orders");
         assert_eq!(d.message.id(), m.id());
         assert_eq!(d.prior_attempts, 2);
         assert!(d.due.is_some());
         assert_eq!(d.message.header(RETRY_AT), None);
+    }
+
+    #[test]
+    fn retry_headers_on_an_open_topic_are_plain_headers() {
+        let far = SystemTime::now() + Duration::from_secs(365 * 24 * 3600);
+        let forged = retry_message(&Message::new("orders", "x"), "orders", 1000, far)
+            .with_header(RETRY_OF, "../../etc/passwd");
+        let d = decode(&record(&forged, "orders"), Origin::Open);
+        assert_eq!(d.message.destination(), "orders");
+        assert_eq!(d.prior_attempts, 0);
+        assert!(d.due.is_none());
+        assert_eq!(d.message.header(RETRY_OF), Some("../../etc/passwd"));
+        assert_eq!(d.message.header(headers::ATTEMPT), Some("1000"));
     }
 }

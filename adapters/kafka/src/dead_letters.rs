@@ -40,7 +40,7 @@ use surety_core::raw::{DeadLetterLog, DeadLetterPass, PassScope, StoredDeadLette
 use surety_core::{Error, ErrorKind, Message, Result};
 
 use crate::ADAPTER;
-use crate::codec::decode;
+use crate::codec::{Origin, decode};
 use crate::config::create;
 use crate::error::broker_error;
 use crate::shared::{Inner, blocking, dead_letter_topic, redrive_cursor_group, validate_topic};
@@ -236,7 +236,7 @@ fn scan(
                         partition: p,
                         offset,
                         timestamp: m.timestamp().to_millis().unwrap_or(0),
-                        message: decode(&m.detach()).message,
+                        message: decode(&m.detach(), Origin::Open).message,
                         redriven: cursor.done.contains(&offset),
                     });
                 }

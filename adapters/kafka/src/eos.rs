@@ -31,7 +31,7 @@ use tokio::sync::watch;
 
 use crate::ADAPTER;
 use crate::KafkaBroker;
-use crate::codec::decode;
+use crate::codec::{Origin, decode};
 use crate::config::create;
 use crate::error::{TxnClass, classify, delivery_error, transaction_error};
 use crate::shared::{Inner, dead_letter_topic, validate_topic};
@@ -407,7 +407,8 @@ impl Worker {
     /// transaction.
     fn fill(&self, batch: &[OwnedMessage]) -> Result<()> {
         for record in batch {
-            let decoded = decode(record);
+            // Inputs come from the source topic, which anyone may write.
+            let decoded = decode(record, Origin::Open);
             let Some(outputs) = self.runtime.block_on(self.outputs_of(&decoded.message)) else {
                 return Ok(()); // crashed: nothing more is written
             };

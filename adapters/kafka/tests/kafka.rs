@@ -374,3 +374,106 @@ async fn malformed_records_from_a_foreign_producer_never_stop_the_consumer() {
         );
     }
 }
+
+/// Surety's retry headers written by someone else on the subscribed topic: a far-future
+/// `surety-retry-at`, a `surety-retry-of` naming another place and a huge
+/// `surety-attempt`. They are obeyed only on the group's retry topic, which only the
+/// adapter writes: here the record is delivered at once, as a first attempt, from the
+/// topic it was read from, and the partition moves on to the next message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_retry_headers_on_the_topic_neither_stall_nor_misroute() {
+    use rdkafka::ClientConfig;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let broker = broker().await;
+    let topic = unique("forged");
+    let group = unique("forged-group");
+    broker
+        .declare(&Topology::new(&topic).group(&group))
+        .await
+        .unwrap();
+    let raw: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.config().bootstrap_servers)
+        .create()
+        .unwrap();
+    let a_year_on = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 365 * 24 * 3600 * 1000;
+    let a_year_on = a_year_on.to_string();
+    let forged = OwnedHeaders::new()
+        .insert(Header {
+            key: "surety-retry-at",
+            value: Some(a_year_on.as_str()),
+        })
+        .insert(Header {
+            key: "surety-retry-of",
+            value: Some("../../etc/passwd"),
+        })
+        .insert(Header {
+            key: "surety-attempt",
+            value: Some("1000"),
+        });
+    raw.send(
+        FutureRecord::<str, str>::to(&topic)
+            .payload("forged")
+            .headers(forged),
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(|(e, _)| e)
+    .unwrap();
+    let after = Message::new(&topic, "after the forgery");
+    broker
+        .publisher()
+        .await
+        .unwrap()
+        .publish(&after)
+        .await
+        .unwrap();
+
+    let seen: Arc<Mutex<Vec<Delivery>>> = Arc::default();
+    let sink = seen.clone();
+    let handle = broker
+        .subscriber()
+        .await
+        .unwrap()
+        .subscribe(
+            Subscription::new(&topic, &group),
+            Arc::new(handler_fn(move |d: Delivery| {
+                let sink = sink.clone();
+                async move {
+                    sink.lock().unwrap().push(d);
+                    Ok(Outcome::Ack)
+                }
+            })),
+        )
+        .await
+        .unwrap();
+    // Generous for a group join on a loaded machine; a stalled partition waits a year.
+    let both = wait(Duration::from_secs(60), || seen.lock().unwrap().len() >= 2).await;
+    handle.shutdown().await;
+    let seen = seen.lock().unwrap().clone();
+    assert!(both, "the partition stalled: {} of 2 delivered", seen.len());
+    let forged = seen
+        .iter()
+        .find(|d| d.message.payload().as_ref() == b"forged")
+        .expect("the forged record was delivered");
+    assert_eq!(
+        forged.message.destination(),
+        topic,
+        "not renamed by a header"
+    );
+    assert_eq!(
+        forged.attempt, 1,
+        "a first delivery, whatever the header says"
+    );
+    assert_eq!(
+        forged.message.header("surety-retry-of"),
+        Some("../../etc/passwd"),
+        "a foreign header reaches the handler as a plain header"
+    );
+    assert!(seen.iter().any(|d| d.message.id() == after.id()));
+}

@@ -14,7 +14,7 @@ use surety_core::{Delivery, Message, Result};
 use tokio::sync::mpsc;
 
 use super::{Core, Ctx, Gate, partition_list};
-use crate::codec::{decode, retry_message};
+use crate::codec::{Origin, decode, retry_message};
 use crate::shared::blocking;
 
 /// One partition's records, processed in order.
@@ -146,7 +146,12 @@ impl Lane {
     async fn process(&mut self, record: OwnedMessage, first: &mut bool) -> Step {
         let core = self.core.clone();
         let offset = record.offset();
-        let decoded = decode(&record);
+        let origin = if record.topic() == self.core.retry_topic {
+            Origin::RetryTopic
+        } else {
+            Origin::Open
+        };
+        let decoded = decode(&record, origin);
         drop(record);
         if let Some(due) = decoded.due
             && let Ok(wait) = due.duration_since(SystemTime::now())
