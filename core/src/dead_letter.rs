@@ -11,7 +11,7 @@
 use async_trait::async_trait;
 
 use crate::error::Result;
-use crate::message::{Message, MessageId, headers};
+use crate::message::{MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, Message, MessageId, headers};
 use crate::publish::Receipt;
 
 /// Longest reason kept in a dead letter's header, in characters.
@@ -20,6 +20,13 @@ pub const MAX_REASON_LEN: usize = 1024;
 /// `message` as a dead letter of `group`, bound for `dead_letter_destination`, with the
 /// reason and the attempts made. The reason loses control characters (handler errors may
 /// hold line breaks; header values may not) and is cut at [`MAX_REASON_LEN`].
+///
+/// A dead letter must land whatever the message holds: a header (or key) that no message
+/// may carry (over [`MAX_HEADER_VALUE_LEN`], a name that is not a header name, a control
+/// character), which a foreign producer can put on a received message, is removed, and
+/// [`headers::DEAD_LETTER_REMOVED`] names each one with its size; the reason says so.
+/// Otherwise every dead-letter publish would fail validation and the message would come
+/// back for ever.
 pub fn dead_letter_message(
     message: &Message,
     dead_letter_destination: &str,
@@ -27,13 +34,57 @@ pub fn dead_letter_message(
     reason: &str,
     attempts: u32,
 ) -> Message {
-    message
-        .clone()
-        .with_destination(dead_letter_destination)
-        .with_header(headers::DEAD_LETTER_REASON, header_safe(reason))
+    let (kept, removed) = without_invalid_parts(message);
+    let mut reason = reason.to_owned();
+    let mut dead = kept;
+    if !removed.is_empty() {
+        reason.push_str(&format!(
+            " ({} removed from the dead letter: see {})",
+            removed.len(),
+            headers::DEAD_LETTER_REMOVED
+        ));
+        dead = dead.with_header(
+            headers::DEAD_LETTER_REMOVED,
+            header_safe(&removed.join(", ")),
+        );
+    }
+    dead.with_destination(dead_letter_destination)
+        .with_header(headers::DEAD_LETTER_REASON, header_safe(&reason))
         .with_header(headers::DEAD_LETTER_ATTEMPTS, attempts.to_string())
         .with_header(headers::ORIGINAL_DESTINATION, message.destination())
         .with_header(headers::CONSUMER_GROUP, group)
+}
+
+/// `message` without the headers and key that no message may carry, and a description
+/// of each part removed.
+fn without_invalid_parts(message: &Message) -> (Message, Vec<String>) {
+    let valid_value = |v: &str| v.len() <= MAX_HEADER_VALUE_LEN && !v.chars().any(char::is_control);
+    let valid_name = |n: &str| {
+        !n.is_empty()
+            && n.len() <= MAX_HEADER_NAME_LEN
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    };
+    let mut removed = Vec::new();
+    let mut kept = Message::new(message.destination(), message.payload().clone())
+        .with_id(message.id().clone())
+        .with_created_at(message.created_at());
+    match message.key() {
+        Some(key) if key.is_empty() || !valid_value(key) => {
+            removed.push(format!("key ({} bytes)", key.len()));
+        }
+        Some(key) => kept = kept.with_key(key),
+        None => {}
+    }
+    for (name, value) in message.headers() {
+        if valid_name(name) && valid_value(value) {
+            kept = kept.with_header(name, value);
+        } else {
+            let shown: String = header_safe(name).chars().take(64).collect();
+            removed.push(format!("header {shown} ({} bytes)", value.len()));
+        }
+    }
+    (kept, removed)
 }
 
 /// `text` without control characters, at most [`MAX_REASON_LEN`] characters.
@@ -178,6 +229,41 @@ mod tests {
         assert_eq!(again.header("tenant"), Some("t1"));
         assert_eq!(again.header(headers::ATTEMPT), None);
         assert_eq!(again.header(headers::DEAD_LETTER_REASON), None);
+    }
+
+    #[test]
+    fn a_dead_letter_is_valid_whatever_the_message_carried() {
+        let huge = "x".repeat(20 * 1024);
+        let received = Message::new("orders", "poison")
+            .with_key("k".repeat(MAX_HEADER_VALUE_LEN + 1))
+            .with_header("tenant", "t1")
+            .with_header("big", huge.as_str())
+            .with_header("bad name!", "v")
+            .with_header("bell", "ring\u{7}");
+        assert!(received.validate(None).is_err());
+        let dead = dead_letter_message(&received, "orders.g.dlq", "g", "rejected", 3);
+        dead.validate(None).expect("a dead letter always validates");
+        assert_eq!(dead.id(), received.id());
+        assert_eq!(dead.payload(), received.payload());
+        assert_eq!(dead.header("tenant"), Some("t1"));
+        assert_eq!(dead.key(), None);
+        for gone in ["big", "bad name!", "bell"] {
+            assert_eq!(dead.header(gone), None, "{gone}");
+        }
+        let removed = dead.header(headers::DEAD_LETTER_REMOVED).unwrap();
+        assert!(removed.contains("header big (20480 bytes)"), "{removed}");
+        assert!(removed.contains("key (8193 bytes)"), "{removed}");
+        assert!(removed.contains("header bell"), "{removed}");
+        let reason = dead.header(headers::DEAD_LETTER_REASON).unwrap();
+        assert!(reason.starts_with("rejected (4 removed"), "{reason}");
+        // A valid message loses nothing and says nothing.
+        let fine = Message::new("orders", "ok")
+            .with_key("k")
+            .with_header("a", "b");
+        let dead = dead_letter_message(&fine, "orders.g.dlq", "g", "rejected", 3);
+        assert_eq!(dead.header(headers::DEAD_LETTER_REMOVED), None);
+        assert_eq!(dead.header(headers::DEAD_LETTER_REASON), Some("rejected"));
+        assert_eq!((dead.key(), dead.header("a")), (Some("k"), Some("b")));
     }
 
     #[test]

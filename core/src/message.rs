@@ -33,6 +33,9 @@ pub mod headers {
     pub const DEAD_LETTER_REASON: &str = "surety-dead-letter-reason";
     /// How many deliveries a dead-lettered message had.
     pub const DEAD_LETTER_ATTEMPTS: &str = "surety-dead-letter-attempts";
+    /// On a dead letter: the headers (and key) removed from it because no message may carry
+    /// them (too big, or an invalid name or value), each with its size in bytes.
+    pub const DEAD_LETTER_REMOVED: &str = "surety-dead-letter-removed";
     /// The destination a dead-lettered or delayed message came from.
     pub const ORIGINAL_DESTINATION: &str = "surety-original-destination";
     /// The consumer group that dead-lettered the message.

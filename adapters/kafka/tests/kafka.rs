@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use surety_core::{
-    Broker, Delivery, ErrorKind, Message, MessageId, Outcome, RetryPolicy, Subscription,
-    SubscriptionHandle, Topology, handler_fn,
+    Broker, Delivery, ErrorKind, Message, MessageId, Outcome, RedriveSelection, RetryPolicy,
+    Subscription, SubscriptionHandle, Topology, handler_fn,
 };
 use surety_kafka::{ExactlyOnce, KafkaBroker, KafkaConfig, processor_fn};
 
@@ -476,4 +476,100 @@ async fn forged_retry_headers_on_the_topic_neither_stall_nor_misroute() {
         "a foreign header reaches the handler as a plain header"
     );
     assert!(seen.iter().any(|d| d.message.id() == after.id()));
+}
+
+/// A foreign record whose 20 KiB header no Surety message may carry, rejected by the
+/// handler: its dead letter lands without that header (which the dead letter names with
+/// its size), the partition moves on to the next message, and the dead letter can be
+/// re-driven.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_record_with_an_oversized_header_is_dead_lettered() {
+    use rdkafka::ClientConfig;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let broker = broker().await;
+    let topic = unique("bigheader");
+    let group = unique("bigheader-group");
+    broker
+        .declare(&Topology::new(&topic).group(&group))
+        .await
+        .unwrap();
+    let raw: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.config().bootstrap_servers)
+        .create()
+        .unwrap();
+    let big = "b".repeat(20 * 1024);
+    raw.send(
+        FutureRecord::<str, str>::to(&topic)
+            .payload("poison")
+            .headers(OwnedHeaders::new().insert(Header {
+                key: "big",
+                value: Some(big.as_str()),
+            })),
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(|(e, _)| e)
+    .unwrap();
+    let after = Message::new(&topic, "after the poison");
+    broker
+        .publisher()
+        .await
+        .unwrap()
+        .publish(&after)
+        .await
+        .unwrap();
+
+    let poison_deliveries = Arc::new(AtomicUsize::new(0));
+    let good = Arc::new(AtomicUsize::new(0));
+    let (p, g) = (poison_deliveries.clone(), good.clone());
+    let handle = broker
+        .subscriber()
+        .await
+        .unwrap()
+        .subscribe(
+            Subscription::new(&topic, &group),
+            Arc::new(handler_fn(move |d: Delivery| {
+                let (p, g) = (p.clone(), g.clone());
+                async move {
+                    if d.message.payload().as_ref() == b"poison" {
+                        p.fetch_add(1, Ordering::SeqCst);
+                        return Ok(Outcome::reject("poison"));
+                    }
+                    g.fetch_add(1, Ordering::SeqCst);
+                    Ok(Outcome::Ack)
+                }
+            })),
+        )
+        .await
+        .unwrap();
+    let moved_on = wait(Duration::from_secs(60), || good.load(Ordering::SeqCst) >= 1).await;
+    handle.shutdown().await;
+    assert!(
+        moved_on,
+        "the partition never reached the message after the poison"
+    );
+    assert_eq!(
+        poison_deliveries.load(Ordering::SeqCst),
+        1,
+        "rejected once, then dead"
+    );
+    let letters = broker.dead_letters().await.unwrap();
+    let dead = letters.list(&topic, &group, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let letter = &dead[0].message;
+    assert_eq!(letter.payload().as_ref(), b"poison");
+    assert_eq!(letter.header("big"), None);
+    let removed = letter
+        .header("surety-dead-letter-removed")
+        .unwrap_or_default();
+    assert!(removed.contains("big (20480 bytes)"), "{removed}");
+    // And the dead letter can be re-driven: every Surety publish is held to the 8 KiB
+    // header limit, so one that kept the header could never leave the dead-letter topic.
+    let report = letters
+        .redrive(&topic, &group, &RedriveSelection::All)
+        .await
+        .expect("the dead letter is re-driven");
+    assert_eq!(report.redriven.len(), 1, "{report:?}");
 }
