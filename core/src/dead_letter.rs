@@ -11,7 +11,9 @@
 use async_trait::async_trait;
 
 use crate::error::Result;
-use crate::message::{MAX_HEADER_NAME_LEN, MAX_HEADER_VALUE_LEN, Message, MessageId, headers};
+use crate::message::{
+    Message, MessageId, headers, valid_header_name, valid_header_value, valid_key,
+};
 use crate::publish::Receipt;
 
 /// Longest reason kept in a dead letter's header, in characters.
@@ -22,7 +24,7 @@ pub const MAX_REASON_LEN: usize = 1024;
 /// hold line breaks; header values may not) and is cut at [`MAX_REASON_LEN`].
 ///
 /// A dead letter must land whatever the message holds: a header (or key) that no message
-/// may carry (over [`MAX_HEADER_VALUE_LEN`], a name that is not a header name, a control
+/// may carry (over [`crate::MAX_HEADER_VALUE_LEN`], a name that is not a header name, a control
 /// character), which a foreign producer can put on a received message, is removed, and
 /// [`headers::DEAD_LETTER_REMOVED`] names each one with its size; the reason says so.
 /// Otherwise every dead-letter publish would fail validation and the message would come
@@ -58,26 +60,19 @@ pub fn dead_letter_message(
 /// `message` without the headers and key that no message may carry, and a description
 /// of each part removed.
 fn without_invalid_parts(message: &Message) -> (Message, Vec<String>) {
-    let valid_value = |v: &str| v.len() <= MAX_HEADER_VALUE_LEN && !v.chars().any(char::is_control);
-    let valid_name = |n: &str| {
-        !n.is_empty()
-            && n.len() <= MAX_HEADER_NAME_LEN
-            && n.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    };
     let mut removed = Vec::new();
     let mut kept = Message::new(message.destination(), message.payload().clone())
         .with_id(message.id().clone())
         .with_created_at(message.created_at());
     match message.key() {
-        Some(key) if key.is_empty() || !valid_value(key) => {
+        Some(key) if !valid_key(key) => {
             removed.push(format!("key ({} bytes)", key.len()));
         }
         Some(key) => kept = kept.with_key(key),
         None => {}
     }
     for (name, value) in message.headers() {
-        if valid_name(name) && valid_value(value) {
+        if valid_header_name(name) && valid_header_value(value) {
             kept = kept.with_header(name, value);
         } else {
             let shown: String = header_safe(name).chars().take(64).collect();
@@ -235,7 +230,7 @@ mod tests {
     fn a_dead_letter_is_valid_whatever_the_message_carried() {
         let huge = "x".repeat(20 * 1024);
         let received = Message::new("orders", "poison")
-            .with_key("k".repeat(MAX_HEADER_VALUE_LEN + 1))
+            .with_key("k".repeat(crate::MAX_HEADER_VALUE_LEN + 1))
             .with_header("tenant", "t1")
             .with_header("big", huge.as_str())
             .with_header("bad name!", "v")

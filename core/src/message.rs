@@ -146,6 +146,25 @@ pub struct Message {
     created_at: SystemTime,
 }
 
+/// A message key: 1 to [`MAX_HEADER_VALUE_LEN`] bytes without control characters.
+pub(crate) fn valid_key(key: &str) -> bool {
+    !key.is_empty() && valid_header_value(key)
+}
+
+/// A header name: 1 to [`MAX_HEADER_NAME_LEN`] bytes of `[A-Za-z0-9._-]`.
+pub(crate) fn valid_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_HEADER_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// A header value: at most [`MAX_HEADER_VALUE_LEN`] bytes without control characters.
+pub(crate) fn valid_header_value(value: &str) -> bool {
+    value.len() <= MAX_HEADER_VALUE_LEN && !value.chars().any(char::is_control)
+}
+
 impl Message {
     /// A message with a fresh id, created now.
     pub fn new(destination: impl Into<String>, payload: impl Into<Bytes>) -> Self {
@@ -283,26 +302,19 @@ impl Message {
         validate_destination(&self.destination)
             .map_err(|e| e.with_context("message_id", self.id.as_str()))?;
         if let Some(key) = &self.key
-            && (key.is_empty()
-                || key.len() > MAX_HEADER_VALUE_LEN
-                || key.chars().any(char::is_control))
+            && !valid_key(key)
         {
             return Err(bad(
                 "message key must be 1 to 8192 bytes without control characters".into(),
             ));
         }
         for (name, value) in &self.headers {
-            if name.is_empty()
-                || name.len() > MAX_HEADER_NAME_LEN
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-            {
+            if !valid_header_name(name) {
                 return Err(bad(format!(
                     "header name {name:?} must be 1 to {MAX_HEADER_NAME_LEN} bytes of [A-Za-z0-9._-]"
                 )));
             }
-            if value.len() > MAX_HEADER_VALUE_LEN || value.chars().any(char::is_control) {
+            if !valid_header_value(value) {
                 return Err(bad(format!(
                     "header {name:?} must be at most {MAX_HEADER_VALUE_LEN} bytes without control characters"
                 )));
