@@ -7,6 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders, ToBytes};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use surety_core::{
     Broker, Delivery, ErrorKind, Message, MessageId, Outcome, RedriveSelection, RetryPolicy,
     Subscription, SubscriptionHandle, Topology, handler_fn,
@@ -33,6 +36,37 @@ async fn broker() -> KafkaBroker {
     KafkaBroker::connect(config)
         .await
         .unwrap_or_else(|e| panic!("Kafka must be running at {servers} (scripts/brokers up): {e}"))
+}
+
+/// A plain rdkafka producer on the test cluster: a producer that is not Surety.
+fn foreign_producer(broker: &KafkaBroker) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", &broker.config().bootstrap_servers)
+        .create()
+        .unwrap()
+}
+
+/// Sends `record` with the foreign producer and waits for the broker's acknowledgement.
+async fn send_foreign<K, P>(raw: &FutureProducer, record: FutureRecord<'_, K, P>)
+where
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+{
+    raw.send(record, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+}
+
+/// Publishes `message` through Surety, confirmed.
+async fn publish(broker: &KafkaBroker, message: &Message) {
+    broker
+        .publisher()
+        .await
+        .unwrap()
+        .publish(message)
+        .await
+        .unwrap();
 }
 
 /// Records every delivery's message, acking all.
@@ -108,13 +142,7 @@ async fn aborted_transactions_are_never_seen_by_a_consumer() {
     }
     // A plain confirmed publish after the aborted transaction: the reader must get past it.
     let after = Message::new(&topic, "after");
-    broker
-        .publisher()
-        .await
-        .unwrap()
-        .publish(&after)
-        .await
-        .unwrap();
+    publish(&broker, &after).await;
 
     let seen = Seen::default();
     let handle = read_all(&broker, &topic, &seen).await;
@@ -300,17 +328,10 @@ async fn an_unreachable_cluster_is_a_clear_error() {
 /// an id taken from its position, and the consumer goes on to the next message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_records_from_a_foreign_producer_never_stop_the_consumer() {
-    use rdkafka::ClientConfig;
-    use rdkafka::message::{Header, OwnedHeaders};
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-
     let broker = broker().await;
     let topic = unique("foreign");
     broker.declare(&Topology::new(&topic)).await.unwrap();
-    let raw: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &broker.config().bootstrap_servers)
-        .create()
-        .unwrap();
+    let raw = foreign_producer(&broker);
     let garbage = OwnedHeaders::new()
         .insert(Header {
             key: "surety-message-id",
@@ -338,19 +359,10 @@ async fn malformed_records_from_a_foreign_producer_never_stop_the_consumer() {
         if let Some(headers) = headers {
             record = record.headers(headers);
         }
-        raw.send(record, Duration::from_secs(10))
-            .await
-            .map_err(|(e, _)| e)
-            .unwrap();
+        send_foreign(&raw, record).await;
     }
     let valid = Message::new(&topic, "after the strangers");
-    broker
-        .publisher()
-        .await
-        .unwrap()
-        .publish(&valid)
-        .await
-        .unwrap();
+    publish(&broker, &valid).await;
 
     let seen = Seen::default();
     let handle = read_all(&broker, &topic, &seen).await;
@@ -382,10 +394,6 @@ async fn malformed_records_from_a_foreign_producer_never_stop_the_consumer() {
 /// topic it was read from, and the partition moves on to the next message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_retry_headers_on_the_topic_neither_stall_nor_misroute() {
-    use rdkafka::ClientConfig;
-    use rdkafka::message::{Header, OwnedHeaders};
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-
     let broker = broker().await;
     let topic = unique("forged");
     let group = unique("forged-group");
@@ -393,10 +401,7 @@ async fn forged_retry_headers_on_the_topic_neither_stall_nor_misroute() {
         .declare(&Topology::new(&topic).group(&group))
         .await
         .unwrap();
-    let raw: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &broker.config().bootstrap_servers)
-        .create()
-        .unwrap();
+    let raw = foreign_producer(&broker);
     let a_year_on = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -416,23 +421,15 @@ async fn forged_retry_headers_on_the_topic_neither_stall_nor_misroute() {
             key: "surety-attempt",
             value: Some("1000"),
         });
-    raw.send(
+    send_foreign(
+        &raw,
         FutureRecord::<str, str>::to(&topic)
             .payload("forged")
             .headers(forged),
-        Duration::from_secs(10),
     )
-    .await
-    .map_err(|(e, _)| e)
-    .unwrap();
+    .await;
     let after = Message::new(&topic, "after the forgery");
-    broker
-        .publisher()
-        .await
-        .unwrap()
-        .publish(&after)
-        .await
-        .unwrap();
+    publish(&broker, &after).await;
 
     let seen: Arc<Mutex<Vec<Delivery>>> = Arc::default();
     let sink = seen.clone();
@@ -484,10 +481,6 @@ async fn forged_retry_headers_on_the_topic_neither_stall_nor_misroute() {
 /// re-driven.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_record_with_an_oversized_header_is_dead_lettered() {
-    use rdkafka::ClientConfig;
-    use rdkafka::message::{Header, OwnedHeaders};
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-
     let broker = broker().await;
     let topic = unique("bigheader");
     let group = unique("bigheader-group");
@@ -495,31 +488,20 @@ async fn a_poison_record_with_an_oversized_header_is_dead_lettered() {
         .declare(&Topology::new(&topic).group(&group))
         .await
         .unwrap();
-    let raw: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &broker.config().bootstrap_servers)
-        .create()
-        .unwrap();
+    let raw = foreign_producer(&broker);
     let big = "b".repeat(20 * 1024);
-    raw.send(
+    send_foreign(
+        &raw,
         FutureRecord::<str, str>::to(&topic)
             .payload("poison")
             .headers(OwnedHeaders::new().insert(Header {
                 key: "big",
                 value: Some(big.as_str()),
             })),
-        Duration::from_secs(10),
     )
-    .await
-    .map_err(|(e, _)| e)
-    .unwrap();
+    .await;
     let after = Message::new(&topic, "after the poison");
-    broker
-        .publisher()
-        .await
-        .unwrap()
-        .publish(&after)
-        .await
-        .unwrap();
+    publish(&broker, &after).await;
 
     let poison_deliveries = Arc::new(AtomicUsize::new(0));
     let good = Arc::new(AtomicUsize::new(0));
