@@ -164,16 +164,7 @@ pub async fn kill_before_ack(
     }
 
     let counts = effects.applied().await?;
-    row.lost = confirmed
-        .iter()
-        .filter(|id| counts.get(*id).copied().unwrap_or(0) == 0)
-        .count();
-    row.applied_twice = Some(
-        confirmed
-            .iter()
-            .map(|id| counts.get(id).copied().unwrap_or(0).saturating_sub(1))
-            .sum(),
-    );
+    row.tally_effects(&confirmed, &counts);
     let absorbed = second.duplicates.load(Ordering::SeqCst);
     row.delivered_twice = absorbed;
     row.recovery = done.then_some(recovered);

@@ -93,6 +93,20 @@ impl FaultRow {
         }
     }
 
+    /// Records, for the ids that must have taken effect, those whose effect never
+    /// happened (`lost`) and the extra applications (`applied_twice`), from the effect
+    /// store's counts.
+    fn tally_effects(&mut self, expected: &[MessageId], counts: &HashMap<MessageId, usize>) {
+        let applied = |id: &MessageId| counts.get(id).copied().unwrap_or(0);
+        self.lost = expected.iter().filter(|id| applied(id) == 0).count();
+        self.applied_twice = Some(
+            expected
+                .iter()
+                .map(|id| applied(id).saturating_sub(1))
+                .sum(),
+        );
+    }
+
     /// A row for a scenario that does not apply to a broker, with the reason.
     pub fn not_run(scenario: &str, broker: &str, why: impl Into<String>) -> Self {
         FaultRow {

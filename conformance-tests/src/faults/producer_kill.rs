@@ -244,16 +244,7 @@ async fn producer_kill(
     }
 
     let counts = effects.applied().await?;
-    row.lost = committed_ids
-        .iter()
-        .filter(|id| counts.get(*id).copied().unwrap_or(0) == 0)
-        .count();
-    row.applied_twice = Some(
-        committed_ids
-            .iter()
-            .map(|id| counts.get(id).copied().unwrap_or(0).saturating_sub(1))
-            .sum(),
-    );
+    row.tally_effects(&committed_ids, &counts);
     row.delivered_twice = consumer.duplicates();
     // A committed orphan may be delivered once per commit answer, never more. RocketMQ's
     // broker checks a half message again when the op record of the first answer is not

@@ -197,15 +197,7 @@ async fn relay_kill(
     }
 
     let counts = effects.applied().await?;
-    row.lost = ids
-        .iter()
-        .filter(|id| counts.get(*id).copied().unwrap_or(0) == 0)
-        .count();
-    row.applied_twice = Some(
-        ids.iter()
-            .map(|id| counts.get(id).copied().unwrap_or(0).saturating_sub(1))
-            .sum(),
-    );
+    row.tally_effects(&ids, &counts);
     row.delivered_twice = consumer.duplicates();
     if !all_sent {
         let c = store.counts().await.map_err(|e| format!("counts: {e}"))?;

@@ -149,16 +149,7 @@ where
     }
 
     let counts = effects.applied().await?;
-    row.lost = confirmed
-        .iter()
-        .filter(|id| counts.get(*id).copied().unwrap_or(0) == 0)
-        .count();
-    row.applied_twice = Some(
-        confirmed
-            .iter()
-            .map(|id| counts.get(id).copied().unwrap_or(0).saturating_sub(1))
-            .sum(),
-    );
+    row.tally_effects(&confirmed, &counts);
     row.delivered_twice = consumer.duplicates();
     let window = *restart_window.lock().unwrap();
     let oks = oks.into_inner().unwrap();
