@@ -72,15 +72,9 @@ async fn verify(
     );
     let mut failed = 0;
     for (i, case) in cases.iter().enumerate() {
-        let missing: Vec<String> = case
-            .requires
-            .iter()
-            .filter(|c| !caps.supports(**c))
-            .map(|c| c.to_string())
-            .collect();
         let started = Instant::now();
-        let verdict = if !missing.is_empty() {
-            Verdict::NotSupported(format!("needs {}", missing.join(", ")))
+        let verdict = if let Some(why) = case.unsupported_by(&caps) {
+            Verdict::NotSupported(why)
         } else {
             // A case that panics outside the deliberate ones is a failure, not a crash
             // of the whole run.

@@ -60,14 +60,7 @@ pub fn run(fixtures: &[(String, Fixture)]) -> ExitCode {
         let caps = fixture.broker.capabilities();
         for case in CASES {
             let name = format!("{adapter}::{}", case.name);
-            let missing: Vec<String> = case
-                .requires
-                .iter()
-                .filter(|c| !caps.supports(**c))
-                .map(|c| c.to_string())
-                .collect();
-            if !missing.is_empty() {
-                let why = format!("needs {}", missing.join(", "));
+            if let Some(why) = case.unsupported_by(&caps) {
                 if args
                     .filter
                     .as_ref()

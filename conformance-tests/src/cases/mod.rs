@@ -5,7 +5,7 @@
 //! settling). A new topic is a file here, its cases added to [`CASES`].
 
 use futures::future::BoxFuture;
-use surety_core::Capability;
+use surety_core::{Capabilities, Capability};
 
 use crate::{Fixture, Observed};
 
@@ -55,6 +55,20 @@ pub struct Case {
     pub requires: &'static [Capability],
     /// Runs the case.
     pub run: fn(Fixture) -> BoxFuture<'static, CaseResult>,
+}
+
+impl Case {
+    /// Why an adapter with `caps` cannot run this case (`needs <capabilities>`), or
+    /// `None` when it can.
+    pub fn unsupported_by(&self, caps: &Capabilities) -> Option<String> {
+        let missing: Vec<String> = self
+            .requires
+            .iter()
+            .filter(|c| !caps.supports(**c))
+            .map(|c| c.to_string())
+            .collect();
+        (!missing.is_empty()).then(|| format!("needs {}", missing.join(", ")))
+    }
 }
 
 macro_rules! case {
