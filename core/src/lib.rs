@@ -32,6 +32,7 @@ pub mod redact;
 mod retry;
 pub mod telemetry;
 mod transaction;
+mod wire;
 
 pub use broker::{Broker, Topology};
 pub use capability::{Capabilities, Capability, CapabilityCheck};

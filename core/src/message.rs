@@ -333,18 +333,19 @@ impl Message {
     }
 }
 
-/// Checks a destination name: 1 to [`MAX_DESTINATION_LEN`] bytes of `[A-Za-z0-9._%-]`.
+/// Checks a destination name: 1 to [`MAX_DESTINATION_LEN`] bytes of `[A-Za-z0-9._%|-]`
+/// (`%` and `|` appear in RocketMQ's dead-letter topics, `%DLQ%<group>|<destination>`).
 ///
-/// Adapters may restrict further (RocketMQ topics have no `.`).
+/// Adapters may restrict further (RocketMQ topics have no `.`, Kafka's no `%` or `|`).
 pub fn validate_destination(destination: &str) -> Result<()> {
     if destination.is_empty()
         || destination.len() > MAX_DESTINATION_LEN
         || !destination
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'%'))
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'%' | b'|'))
     {
         return Err(Error::invalid(format!(
-            "destination {destination:?} must be 1 to {MAX_DESTINATION_LEN} bytes of [A-Za-z0-9._%-]"
+            "destination {destination:?} must be 1 to {MAX_DESTINATION_LEN} bytes of [A-Za-z0-9._%|-]"
         ))
         .with_context("destination", destination));
     }

@@ -12,7 +12,8 @@
 //!   lists and re-drives.
 //!
 //! - The message builders and runners adapters share: [`dead_letter_message`],
-//!   [`redrive_message`], [`header_safe`], [`validate_destination`], and
+//!   [`redrive_message`], [`header_safe`], [`validate_destination`], [`wire_text`] (bytes
+//!   from the wire as header text, never dropped), and
 //!   [`run_local_transaction`] / [`run_check_back`], which turn a panic in application code
 //!   into `Unknown` inside their spans.
 //!
@@ -26,6 +27,7 @@ pub mod redrive;
 pub use crate::dead_letter::{MAX_REASON_LEN, dead_letter_message, header_safe, redrive_message};
 pub use crate::message::validate_destination;
 pub use crate::transaction::{run_check_back, run_local_transaction};
+pub use crate::wire::wire_text;
 pub use consume::{ConsumePath, Disposition, Settle};
 pub use publish::{Publish, PublishPath, Sender};
 pub use redrive::{DeadLetterLog, DeadLetterPass, DeadLetterQueue, PassScope, StoredDeadLetter};
