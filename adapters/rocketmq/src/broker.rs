@@ -49,10 +49,20 @@ impl RocketMqBroker {
         self.publisher.clone()
     }
 
-    /// The consumer group whose consume offsets on `%DLQ%<group>` mark what was
-    /// re-driven: `<group>-surety-redrive`.
-    pub fn redrive_cursor_group(group: &str) -> String {
-        shared::redrive_cursor_group(group)
+    /// The RocketMQ consumer group of Surety group `group` on `destination`:
+    /// `<group>|<destination>`. Its retries are in `%RETRY%<that>`, its dead letters in
+    /// `%DLQ%<that>`.
+    pub fn consumer_group(group: &str, destination: &str) -> Result<String> {
+        codec::consumer_group(group, destination)
+    }
+
+    /// The consumer group whose consume offsets on the dead-letter topic of `group` on
+    /// `destination` mark what was re-driven: `<group>|<destination>-surety-redrive`.
+    pub fn redrive_cursor_group(group: &str, destination: &str) -> Result<String> {
+        Ok(shared::redrive_cursor_group(&codec::consumer_group(
+            group,
+            destination,
+        )?))
     }
 
     /// The permission bits (`PermName`: 2 write, 4 read) of `topic` on its brokers, as
@@ -80,13 +90,15 @@ impl Broker for RocketMqBroker {
         // Bad names are the caller's error, not a broker outage: refuse them before the
         // admin call (the broker answers an empty topic with a generic header error).
         codec::validate_topic(&topology.destination)?;
-        for group in &topology.groups {
-            codec::validate_topic(group)?;
-        }
+        let groups = topology
+            .groups
+            .iter()
+            .map(|g| codec::consumer_group(g, &topology.destination))
+            .collect::<Result<Vec<_>>>()?;
         let shared = &self.shared;
         let queues = shared.config.queues;
         shared.create_topic(&topology.destination, queues).await?;
-        for group in &topology.groups {
+        for group in &groups {
             // Created here (not left to the broker) so that they exist before the first
             // consumer runs and can be read by other groups.
             shared
@@ -129,13 +141,17 @@ impl Broker for RocketMqBroker {
         )))
     }
 
-    /// RocketMQ's convention: `%DLQ%<group>`, one per consumer group (not per topic).
-    fn dead_letter_destination(&self, _destination: &str, group: &str) -> String {
-        format!("{DLQ_PREFIX}{group}")
+    /// RocketMQ's convention, `%DLQ%<consumer group>`, where the consumer group is
+    /// `<group>|<destination>` ([`RocketMqBroker::consumer_group`]).
+    fn dead_letter_destination(&self, destination: &str, group: &str) -> String {
+        format!(
+            "{DLQ_PREFIX}{}",
+            codec::consumer_group_name(group, destination)
+        )
     }
 
-    /// `%DLQ%<group>` with a re-drive cursor kept as the consume offsets of the group
-    /// `<group>-surety-redrive` (a queue cannot delete): see
+    /// `%DLQ%<group>|<destination>` with a re-drive cursor kept as the consume offsets of
+    /// the group `<group>|<destination>-surety-redrive` (a queue cannot delete): see
     /// [`RocketMqBroker::redrive_cursor_group`].
     async fn dead_letters(&self) -> Result<Arc<dyn DeadLetters>> {
         Ok(Arc::new(DeadLetterQueue::new(

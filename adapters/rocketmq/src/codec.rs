@@ -2,7 +2,8 @@
 //!
 //! | Surety | RocketMQ |
 //! |---|---|
-//! | destination | topic (`[A-Za-z0-9_%-]`, at most 127 bytes: no `.`) |
+//! | destination | topic (`[A-Za-z0-9_%|-]`, at most 127 bytes: no `.`) |
+//! | group on a destination | consumer group `<group>\|<destination>` ([`consumer_group`]) |
 //! | id | property `surety-message-id`, and `KEYS` (so the console finds it by key) |
 //! | key | property `surety-key`; the queue is chosen by the key's hash (per-key order) |
 //! | headers | user properties (names the client reserves, like `KEYS`, are invalid) |
@@ -18,7 +19,7 @@ use cheetah_string::CheetahString;
 use rocketmq_model::common::message::MessageTrait;
 use rocketmq_model::common::message::message_ext::MessageExt;
 use rocketmq_model::common::message::message_single::Message as RmqMessage;
-use surety_core::{Error, Message, MessageId, Result, headers};
+use surety_core::{Error, ErrorKind, Message, MessageId, Result, headers};
 
 /// The ordering key's property.
 pub(crate) const KEY_PROPERTY: &str = "surety-key";
@@ -62,19 +63,66 @@ pub(crate) fn validate_topic(topic: &str) -> Result<()> {
         || topic.len() > MAX_TOPIC_LEN
         || !topic
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'%'))
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'%' | b'|'))
     {
         return Err(Error::invalid(format!(
-            "RocketMQ topic {topic:?} must be 1 to {MAX_TOPIC_LEN} bytes of [A-Za-z0-9_%-]"
+            "RocketMQ topic {topic:?} must be 1 to {MAX_TOPIC_LEN} bytes of [A-Za-z0-9_%|-]"
         ))
         .with_context("destination", topic));
     }
     Ok(())
 }
 
+/// The separator of a Surety group and its destination in a RocketMQ consumer group.
+/// Surety groups may not contain it, so the pair can always be read back.
+const GROUP_SEPARATOR: char = '|';
+
+/// [`consumer_group`] without the checks, for names that were checked before.
+pub(crate) fn consumer_group_name(group: &str, destination: &str) -> String {
+    format!("{group}{GROUP_SEPARATOR}{destination}")
+}
+
+/// The RocketMQ consumer group of Surety group `group` on `destination`:
+/// `<group>|<destination>`.
+///
+/// One RocketMQ group per Surety group *and destination*: RocketMQ keeps retries in
+/// `%RETRY%<consumer group>` and dead letters in `%DLQ%<consumer group>`, and a group
+/// whose consumers subscribe to different topics mixes them (a consumer of one
+/// destination would receive another's retries) and rebalances each topic's queues over
+/// consumers that do not read it. The retry topic must fit RocketMQ's topic limit, so the
+/// name is refused (a configuration error) when `%RETRY%<name>` would not.
+pub(crate) fn consumer_group(group: &str, destination: &str) -> Result<String> {
+    let refuse = |why: String| {
+        Err(Error::new(ErrorKind::Configuration, why)
+            .with_context("group", group)
+            .with_context("destination", destination))
+    };
+    if validate_topic(group).is_err() || group.contains(GROUP_SEPARATOR) {
+        return refuse(format!(
+            "consumer group {group:?} must be 1 to {MAX_TOPIC_LEN} bytes of [A-Za-z0-9_%-]"
+        ));
+    }
+    validate_topic(destination)?;
+    let name = consumer_group_name(group, destination);
+    if RETRY_PREFIX.len() + name.len() > MAX_TOPIC_LEN {
+        return refuse(format!(
+            "the RocketMQ consumer group of {group:?} on {destination:?} is {name:?}; its retry topic {RETRY_PREFIX}{name} would exceed {MAX_TOPIC_LEN} bytes (shorten the group or the destination)"
+        ));
+    }
+    Ok(name)
+}
+
 /// Validates `message` and builds the RocketMQ message for `topic`.
 pub(crate) fn encode(message: &Message, topic: &str, max_size: usize) -> Result<RmqMessage> {
     message.validate(Some(max_size))?;
+    encode_copy(message, topic)
+}
+
+/// Builds the RocketMQ message for `topic` without Surety's message rules: for Surety's
+/// own copies of a delivered message (a retry, a dead letter), which carry what the broker
+/// delivered, a foreign producer's 20 000-byte property included. Refusing those would
+/// leave the message unable to move.
+pub(crate) fn encode_copy(message: &Message, topic: &str) -> Result<RmqMessage> {
     validate_topic(topic)?;
     let mut out = RmqMessage::builder()
         .topic(topic)
@@ -137,24 +185,77 @@ fn prop<'a>(m: &'a MessageExt, name: &str) -> Option<&'a str> {
     m.properties().get(name).map(|v| v.as_str())
 }
 
-/// Rebuilds the Surety message from what the broker delivered, and the attempt number:
-/// the larger of the broker's count (`reconsumeTimes + 1`) and `surety-attempt`.
-pub(crate) fn decode(m: &MessageExt) -> Result<(Message, u32)> {
-    let mut destination = m.topic().to_string();
-    if destination.starts_with(RETRY_PREFIX)
-        && let Some(original) = prop(m, RETRY_TOPIC_PROPERTY)
-    {
-        destination = original.to_owned();
+/// Where a message was read from, which decides whether Surety's bookkeeping on it is
+/// Surety's.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Lane<'a> {
+    /// The subscription's own retry topic, `%RETRY%<consumer group>`, which only Surety
+    /// (and the broker's own send-back) writes: `surety-attempt` counts, at most up to
+    /// the policy's attempts, and the origin is the subscription's destination whatever
+    /// `RETRY_TOPIC` says.
+    Retry {
+        /// The subscription's destination.
+        destination: &'a str,
+        /// The policy's attempts.
+        max_attempts: u32,
+    },
+    /// Any other topic (the subscribed one, a dead-letter topic), which anyone with
+    /// publish rights writes: `surety-attempt` there is a plain header.
+    Open,
+}
+
+impl<'a> Lane<'a> {
+    /// The lane `m` was delivered on, for a subscription of `destination`. The client
+    /// hands a message from `%RETRY%<consumer group>` over under its original topic, named
+    /// by the `RETRY_TOPIC` property that Surety's retry copies and the broker's own
+    /// send-back write; that property is a system property, which a producer's user
+    /// properties cannot set.
+    pub(crate) fn of(m: &MessageExt, destination: &'a str, max_attempts: u32) -> Lane<'a> {
+        if prop(m, RETRY_TOPIC_PROPERTY) == Some(destination) {
+            Lane::Retry {
+                destination,
+                max_attempts,
+            }
+        } else {
+            Lane::Open
+        }
     }
+}
+
+/// Rebuilds the Surety message from what the broker delivered on `lane`, and the attempt
+/// number: the broker's count (`reconsumeTimes + 1`), or on the retry lane the larger of
+/// it and `surety-attempt`.
+///
+/// The id is `surety-message-id` when it is a valid id, otherwise the broker's own unique
+/// key of the message (`UNIQ_KEY`, else its msgId): a message from a foreign producer keeps
+/// one id on every delivery, in the logs and in its dead letter.
+pub(crate) fn decode(m: &MessageExt, lane: Lane<'_>) -> Result<(Message, u32)> {
+    let (destination, trusted_attempts) = match lane {
+        Lane::Retry {
+            destination,
+            max_attempts,
+        } => (destination.to_owned(), Some(max_attempts)),
+        Lane::Open => (m.topic().to_string(), None),
+    };
     let body = m.body().unwrap_or_default();
     let mut message = Message::new(destination, body);
-    match prop(m, headers::MESSAGE_ID) {
-        Some(id) => message = message.with_id(MessageId::parse(id)?),
-        None => {
+    let given = prop(m, headers::MESSAGE_ID);
+    match given.map(MessageId::parse) {
+        Some(Ok(id)) => message = message.with_id(id),
+        unusable => {
             // Sent by a non-Surety producer: the broker's unique key is the stable id.
             let uniq = prop(m, "UNIQ_KEY")
                 .unwrap_or(m.msg_id().as_str())
                 .to_owned();
+            if unusable.is_some() {
+                let shown: String = given.unwrap_or_default().chars().take(64).collect();
+                tracing::warn!(
+                    topic = %m.topic(),
+                    broker_id = %uniq,
+                    given = %surety_core::raw::header_safe(&shown),
+                    "message with an unusable surety-message-id; the broker's id is used"
+                );
+            }
             message = message.with_id(MessageId::parse(uniq)?);
         }
     }
@@ -168,15 +269,20 @@ pub(crate) fn decode(m: &MessageExt) -> Result<(Message, u32)> {
     let mut user = BTreeMap::new();
     for (name, value) in m.properties() {
         let name = name.as_str();
-        if is_internal(name) || is_system(name) {
+        let data = name == headers::ATTEMPT && trusted_attempts.is_none();
+        if (is_internal(name) && !data) || is_system(name) {
             continue;
         }
         user.insert(name.to_owned(), value.to_string());
     }
     *message.headers_mut() = user;
     let broker_count = (m.reconsume_times().max(0) as u32).saturating_add(1);
-    let carried = prop(m, headers::ATTEMPT)
-        .and_then(|v| v.parse::<u32>().ok())
+    let carried = trusted_attempts
+        .and_then(|max| {
+            prop(m, headers::ATTEMPT)
+                .and_then(|v| v.parse::<u32>().ok())
+                .map(|n| n.min(max))
+        })
         .unwrap_or(1);
     Ok((message, broker_count.max(carried)))
 }
@@ -199,6 +305,24 @@ mod tests {
         assert!(validate_topic("orders_v1-%DLQ%").is_ok());
         assert!(validate_topic("orders.v1").is_err());
         assert!(validate_topic("").is_err(), "an empty topic is invalid");
+    }
+
+    #[test]
+    fn a_consumer_group_is_per_group_and_destination() {
+        assert_eq!(
+            consumer_group("billing", "orders").unwrap(),
+            "billing|orders"
+        );
+        assert!(
+            consumer_group("a|b", "orders").is_err(),
+            "the separator is not a group character"
+        );
+        let long = "d".repeat(119);
+        assert!(
+            consumer_group("g", &long).is_err(),
+            "%RETRY%g|<119> is 128 bytes"
+        );
+        assert!(consumer_group("g", &long[..118]).is_ok());
     }
 
     #[test]

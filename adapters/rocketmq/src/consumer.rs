@@ -5,9 +5,14 @@
 //! the lane thread waits for its verdict: the runtime never blocks, and a task that is
 //! aborted or panics closes the channel, which is a `ReconsumeLater`, never a success.
 //!
+//! Each Surety group gets one RocketMQ consumer group per destination,
+//! `<group>|<destination>` ([`codec::consumer_group`]), so its retry topic
+//! (`%RETRY%<group>|<destination>`) and dead-letter topic hold only that destination's
+//! messages.
+//!
 //! Dispositions:
 //! - `Ack` → `CONSUME_SUCCESS`.
-//! - `Redeliver` → a copy goes to `%RETRY%<group>` with a delay level (the smallest level
+//! - `Redeliver` → a copy goes to the retry topic with a delay level (the smallest level
 //!   not shorter than the asked delay; delays under the shortest level, 1 s, are waited
 //!   out before requeueing) and the next attempt number in `surety-attempt`,
 //!   confirmed, then the original is acked. The client's listener cannot set
@@ -16,7 +21,7 @@
 //!   `docs/rocketmq-interop.md`. If the copy cannot be sent, `RECONSUME_LATER` (the
 //!   broker's own send-back) keeps the message.
 //! - `DeadLetter` → Surety publishes the message to the dead-letter destination
-//!   (`%DLQ%<group>` by default) with reason, attempts, origin and group headers, then
+//!   (`%DLQ%<group>|<destination>` by default) with reason, attempts, origin and group headers, then
 //!   acks. If that fails the message is kept and redelivered after the longest backoff.
 //! - Orderly subscriptions (`ordered`) use the client's orderly consumer (queue locks on
 //!   the broker, one message of a queue at a time); a retry suspends the queue for the
@@ -37,8 +42,7 @@ use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
 use rocketmq_model::common::message::message_ext::MessageExt;
 use surety_core::raw::{ConsumePath, Settle};
 use surety_core::{
-    Delivery, Error, ErrorKind, Handler, Message, Result, Subscriber, Subscription,
-    SubscriptionHandle, headers,
+    Delivery, Handler, Message, Result, Subscriber, Subscription, SubscriptionHandle, headers,
 };
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
@@ -50,7 +54,7 @@ use crate::publisher::RocketMqPublisher;
 use crate::shared::Shared;
 
 /// How many broker-side reconsumes beyond the policy are allowed before the broker moves
-/// a message to `%DLQ%<group>` on its own. Surety dead-letters itself at `max_attempts`;
+/// a message to its own `%DLQ%` topic of the consumer group. Surety dead-letters itself at `max_attempts`;
 /// this backstop only applies when Surety could neither dead-letter nor requeue.
 const BROKER_BACKSTOP: u32 = 16;
 
@@ -79,6 +83,8 @@ enum Verdict {
 
 struct Runner {
     publisher: Arc<RocketMqPublisher>,
+    /// The RocketMQ consumer group, `<group>|<destination>`.
+    consumer_group: String,
     handler: Arc<dyn Handler>,
     sub: Subscription,
     path: ConsumePath,
@@ -120,7 +126,8 @@ impl Runner {
     }
 
     async fn process(&self, msg: &MessageExt, ordered: bool) -> Verdict {
-        match codec::decode(msg) {
+        let lane = codec::Lane::of(msg, &self.sub.destination, self.sub.retry.max_attempts);
+        match codec::decode(msg, lane) {
             Ok((message, attempt)) => {
                 let mut settle = RocketSettle::new(self, &message, ordered);
                 let delivery = Delivery {
@@ -146,7 +153,7 @@ impl Runner {
 
     /// Sends a copy to the group's retry topic, delayed, carrying the next attempt number.
     async fn requeue(&self, message: &Message, after: Duration, next_attempt: u32) -> Result<()> {
-        let retry_topic = format!("{RETRY_PREFIX}{}", self.sub.group);
+        let retry_topic = format!("{RETRY_PREFIX}{}", self.consumer_group);
         let mut extra = vec![
             (RETRY_TOPIC_PROPERTY, message.destination().to_owned()),
             (headers::ATTEMPT, next_attempt.to_string()),
@@ -299,12 +306,7 @@ impl Subscriber for RocketMqSubscriber {
         handler: Arc<dyn Handler>,
     ) -> Result<SubscriptionHandle> {
         codec::validate_topic(&subscription.destination)?;
-        codec::validate_topic(&subscription.group).map_err(|e| {
-            Error::new(
-                ErrorKind::Configuration,
-                format!("consumer group: {}", e.message()),
-            )
-        })?;
+        let consumer_group = codec::consumer_group(&subscription.group, &subscription.destination)?;
         let shared = &self.shared;
         let ordered = subscription.ordered;
         let concurrency = subscription.concurrency.max(1) as u32;
@@ -315,9 +317,10 @@ impl Subscriber for RocketMqSubscriber {
         let dead_letter = subscription
             .dead_letter
             .clone()
-            .unwrap_or_else(|| format!("{DLQ_PREFIX}{}", subscription.group));
+            .unwrap_or_else(|| format!("{DLQ_PREFIX}{consumer_group}"));
         let runner = Arc::new(Runner {
             publisher: self.publisher.clone(),
+            consumer_group: consumer_group.clone(),
             handler,
             path: ConsumePath::new(ADAPTER, &subscription, dead_letter),
             sub: subscription.clone(),
@@ -329,7 +332,7 @@ impl Subscriber for RocketMqSubscriber {
         let mut builder = DefaultMQPushConsumer::builder(shared.host.runtime.clone())
             .client_config(shared.client_config("consumer"))
             .name_server_addr(shared.config.namesrv.as_str())
-            .consumer_group(subscription.group.as_str())
+            .consumer_group(consumer_group.as_str())
             // A group declared before publishing sees every message since its topic
             // was created, even when its first consumer starts later.
             .consume_from_where(ConsumeFromWhere::ConsumeFromFirstOffset)
@@ -353,7 +356,7 @@ impl Subscriber for RocketMqSubscriber {
             consumer.register_message_listener_concurrently(Concurrent(runner.clone()));
         }
         consumer.start().await.map_err(|e| {
-            admin_error(&e, "consumer start").with_context("group", subscription.group.clone())
+            admin_error(&e, "consumer start").with_context("group", consumer_group.clone())
         })?;
         let mut guard = Guard {
             consumer: Some(consumer),

@@ -1,8 +1,9 @@
-//! The operator's view of a group's dead letters in `%DLQ%<group>`: list and re-drive
-//! ([`surety_core::DeadLetters`]).
+//! The operator's view of a group's dead letters on a destination, in
+//! `%DLQ%<group>|<destination>`: list and re-drive ([`surety_core::DeadLetters`]).
 //!
 //! A RocketMQ queue cannot delete a message, so "removed from the dead letters" is a
-//! *cursor*: the consume offsets of a dedicated consumer group, `<group>-surety-redrive`
+//! *cursor*: the consume offsets of a dedicated consumer group,
+//! `<group>|<destination>-surety-redrive`
 //! ([`crate::RocketMqBroker::redrive_cursor_group`]). Everything before the cursor has been
 //! re-driven; `list` shows the messages from the cursor on.
 //!
@@ -178,10 +179,10 @@ impl RocketMqDeadLetterLog {
     /// Reads the dead letters from each queue's cursor up to its max offset at the start,
     /// at most `per_queue` per queue.
     async fn scan(&self, destination: &str, group: &str, per_queue: usize) -> Result<Scan> {
-        codec::validate_topic(group)?;
-        let topic = format!("{DLQ_PREFIX}{group}");
+        let consumer_group = codec::consumer_group(group, destination)?;
+        let topic = format!("{DLQ_PREFIX}{consumer_group}");
         let mut queues = self.queues(&topic, destination, group).await?;
-        let cursor_group = redrive_cursor_group(group);
+        let cursor_group = redrive_cursor_group(&consumer_group);
         let shared = &self.shared;
         let mut builder = DefaultMQPullConsumer::builder(shared.host.runtime.clone())
             .client_options(ClientOptions::legacy(shared.client_config("dlq-reader")))
@@ -259,7 +260,7 @@ async fn pull_all(
                         if at < offset || at >= q.end || taken >= per_queue {
                             continue;
                         }
-                        let message = match codec::decode(m) {
+                        let message = match codec::decode(m, codec::Lane::Open) {
                             Ok((message, _)) => message,
                             Err(_) => {
                                 Message::new(m.topic().to_string(), m.body().unwrap_or_default())
@@ -291,7 +292,7 @@ async fn pull_all(
 /// removed records.
 struct Pass {
     shared: Arc<Shared>,
-    group: String,
+    cursor_group: String,
     queues: Vec<Queue>,
     records: Vec<Record>,
     at: usize,
@@ -319,7 +320,7 @@ impl DeadLetterLog for RocketMqDeadLetterLog {
         }
         Ok(Box::new(Pass {
             shared: self.shared.clone(),
-            group: group.to_owned(),
+            cursor_group: redrive_cursor_group(&codec::consumer_group_name(group, destination)),
             queues: scan.queues,
             records,
             at: 0,
@@ -362,7 +363,7 @@ impl DeadLetterPass for Pass {
         if !self.redrive {
             return Ok(());
         }
-        let cursor_group = CheetahString::from(redrive_cursor_group(&self.group));
+        let cursor_group = CheetahString::from(self.cursor_group.as_str());
         let mut failure = None;
         for (i, q) in self.queues.iter().enumerate() {
             let mut next = q.next;

@@ -7,14 +7,14 @@
 //! | `publish_oneway` | oneway send: **at-most-once** |
 //! | async mode | [`RocketMqPublisher::publish_with_callback`] |
 //! | unroutable destination | the name server has no route for the topic (checked before sending, because a broker with `autoCreateTopicEnable=true` would create it) |
-//! | `declare` | topics created on every master with the admin API; per group `%RETRY%<group>` and `%DLQ%<group>` (readable) |
+//! | `declare` | topics created on every master with the admin API; per group `%RETRY%<group>\|<destination>` and `%DLQ%<group>\|<destination>` (readable): one RocketMQ consumer group per Surety group and destination |
 //! | `send_in_transaction` | half message, the caller's async local transaction, then commit / rollback (`TransactionMQProducer`) |
 //! | `CheckBack` | the broker's check-back to any live producer of the group; `Unknown` leaves it to the next check until the broker's check limit |
 //! | consumer group | push consumer (clustering), one client instance per consumer |
 //! | ack after process | `CONSUME_SUCCESS` only after the handler's outcome is settled |
-//! | retry with delay | a copy in `%RETRY%<group>` with a delay level (rounded up) and `surety-attempt` |
-//! | dead letter | Surety publishes to `%DLQ%<group>` (or the subscription's destination) with `surety-dead-letter-*` headers, then acks |
-//! | dead-letter list / re-drive | [`surety_core::Broker::dead_letters`]: pulls `%DLQ%<group>` from a re-drive cursor, the consume offsets of the group `<group>-surety-redrive`, moved with the admin API after the confirmed re-publish; a write-only `%DLQ%` topic is made readable first |
+//! | retry with delay | a copy in `%RETRY%<group>\|<destination>` with a delay level (rounded up) and `surety-attempt` |
+//! | dead letter | Surety publishes to `%DLQ%<group>\|<destination>` (or the subscription's destination) with `surety-dead-letter-*` headers, then acks |
+//! | dead-letter list / re-drive | [`surety_core::Broker::dead_letters`]: pulls `%DLQ%<group>\|<destination>` from a re-drive cursor, the consume offsets of the group `<group>\|<destination>-surety-redrive`, moved with the admin API after the confirmed re-publish; a write-only `%DLQ%` topic is made readable first |
 //! | per-key ordering | queue chosen by key hash; orderly consumer when `Subscription::ordered` |
 //! | ACL | `AclClientRPCHook` from access key and secret key; the secret is never logged |
 //!

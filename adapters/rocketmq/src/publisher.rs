@@ -158,15 +158,15 @@ impl RocketMqSender {
         }
     }
 
-    /// Encodes `message` for `topic` with `extra` properties, checks the route, sends
-    /// once.
+    /// Encodes `message` for `topic` with `extra` properties (a copy: Surety's message
+    /// rules are not applied again), checks the route, sends once.
     async fn send_to(
         &self,
         message: &Message,
         topic: &str,
         extra: &[(&'static str, String)],
     ) -> Result<Receipt> {
-        let mut raw = codec::encode(message, topic, self.shared.config.max_message_size)?;
+        let mut raw = codec::encode_copy(message, topic)?;
         self.shared.ensure_route(topic).await?;
         for (name, value) in extra {
             raw.put_property(

@@ -329,10 +329,10 @@ impl Shared {
     }
 }
 
-/// The consumer group whose consume offsets on `%DLQ%<group>` mark what was re-driven:
-/// `<group>-surety-redrive`.
-pub(crate) fn redrive_cursor_group(group: &str) -> String {
-    format!("{group}-surety-redrive")
+/// The consumer group whose consume offsets on `%DLQ%<consumer group>` mark what was
+/// re-driven: `<consumer group>-surety-redrive` (see [`codec::consumer_group`]).
+pub(crate) fn redrive_cursor_group(consumer_group: &str) -> String {
+    format!("{consumer_group}-surety-redrive")
 }
 
 fn unroutable(topic: &str) -> Error {

@@ -82,7 +82,7 @@ impl TransactionListener for Bridge {
     }
 
     fn check_local_transaction(&self, msg: &MessageExt) -> LocalTransactionState {
-        let message = match codec::decode(msg) {
+        let message = match codec::decode(msg, codec::Lane::Open) {
             Ok((message, _)) => message,
             Err(e) => {
                 tracing::error!(error = %e, "check-back for an undecodable half message; unknown");
