@@ -13,6 +13,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use surety_core::raw::wire_text;
 use surety_core::{Message, MessageId, headers};
 
 /// The header that carries the ordering key (AMQP has no slot for it).
@@ -50,10 +51,24 @@ pub(crate) fn encode(message: &Message) -> BasicProperties {
     properties
 }
 
-/// A header value as text, for the value types a header can sensibly hold.
-pub(crate) fn text(value: &AMQPValue) -> Option<String> {
+/// A header value as text. Strings and byte arrays that are not UTF-8 are escaped
+/// ([`wire_text`]), numbers written out, and the rest (arrays, tables) shown in AMQP's
+/// own notation: a foreign producer's header reaches the handler, never vanishes.
+pub(crate) fn text(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => wire_text(s.as_bytes()),
+        AMQPValue::ByteArray(b) => wire_text(b.as_slice()),
+        AMQPValue::Void => String::new(),
+        AMQPValue::Float(n) => n.to_string(),
+        AMQPValue::Double(n) => n.to_string(),
+        other => number_text(other).unwrap_or_else(|| format!("{other:?}")),
+    }
+}
+
+/// A header value that is a number, a boolean or a short string, as text.
+fn number_text(value: &AMQPValue) -> Option<String> {
     Some(match value {
-        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.to_owned(),
         AMQPValue::ShortString(s) => s.as_str().to_owned(),
         AMQPValue::Boolean(b) => b.to_string(),
         AMQPValue::ShortShortInt(n) => n.to_string(),
@@ -74,17 +89,49 @@ fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPVal
 
 fn number(properties: &BasicProperties, name: &str) -> Option<u64> {
     header(properties, name)
-        .and_then(text)
+        .and_then(number_text)
         .and_then(|t| t.trim().parse::<i64>().ok())
         .map(|n| n.max(0) as u64)
 }
 
+/// Where a delivery came from, which decides whether `surety-attempt` on it is Surety's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Lane {
+    /// Through the default exchange: a retry copy Surety published to the group queue, or
+    /// one that expired out of the group's delay queue (dead-lettered to the default
+    /// exchange). Producers publish to a destination through the router exchange, so
+    /// only Surety writes here; `surety-attempt` counts, up to the policy's attempts.
+    Retry {
+        /// The policy's attempts.
+        max_attempts: u32,
+    },
+    /// Through the router exchange (any producer of the destination): `surety-attempt`
+    /// is a plain header.
+    Open,
+}
+
+impl Lane {
+    /// The lane of a delivery routed through `exchange`.
+    pub(crate) fn of(exchange: &str, max_attempts: u32) -> Lane {
+        if exchange.is_empty() {
+            Lane::Retry { max_attempts }
+        } else {
+            Lane::Open
+        }
+    }
+}
+
 /// Which delivery this is: deliveries before it (the `surety-attempt` header our retries
-/// write) plus this one, plus the deliveries the broker made but nobody settled (the
-/// quorum queue's `x-delivery-count`; on a classic queue only the `redelivered` flag,
-/// which says "at least one").
-pub(crate) fn attempt(properties: &BasicProperties, redelivered: bool) -> u32 {
-    let before = number(properties, headers::ATTEMPT).unwrap_or(0);
+/// write, on the retry lane only) plus this one, plus the deliveries the broker made but
+/// nobody settled (the quorum queue's `x-delivery-count`; on a classic queue only the
+/// `redelivered` flag, which says "at least one").
+pub(crate) fn attempt(properties: &BasicProperties, redelivered: bool, lane: Lane) -> u32 {
+    let before = match lane {
+        Lane::Retry { max_attempts } => number(properties, headers::ATTEMPT)
+            .unwrap_or(0)
+            .min(u64::from(max_attempts)),
+        Lane::Open => 0,
+    };
     let unsettled = match number(properties, DELIVERY_COUNT) {
         Some(n) if n > 0 => n,
         _ if redelivered => 1,
@@ -94,31 +141,38 @@ pub(crate) fn attempt(properties: &BasicProperties, redelivered: bool) -> u32 {
 }
 
 /// Headers the adapter keeps for itself: not shown to handlers, not copied onward.
-fn internal(name: &str) -> bool {
+/// `surety-attempt` is the adapter's only on the retry lane; elsewhere it is data.
+fn internal(name: &str, lane: Lane) -> bool {
     name.starts_with("x-")
         || name == KEY_HEADER
-        || name == headers::ATTEMPT
+        || (name == headers::ATTEMPT && lane != Lane::Open)
         || name == headers::CREATED_AT
         || name == headers::MESSAGE_ID
 }
 
-/// Rebuilds the message of a delivery from `destination`.
-pub(crate) fn decode(destination: &str, properties: &BasicProperties, body: &[u8]) -> Message {
+/// Rebuilds the message of a delivery from `destination`, read on `lane`.
+pub(crate) fn decode(
+    destination: &str,
+    properties: &BasicProperties,
+    body: &[u8],
+    lane: Lane,
+) -> Message {
     let id = properties
         .message_id()
         .as_ref()
         .and_then(|id| MessageId::parse(id.as_str()).ok())
         .or_else(|| {
             header(properties, headers::MESSAGE_ID)
-                .and_then(text)
+                .and_then(number_text)
                 .and_then(|t| MessageId::parse(t).ok())
         })
         .unwrap_or_else(|| {
-            // A message from a non-Surety publisher without an id: give it one, so the
-            // handler has something; it is not stable across redeliveries.
+            // A message from a non-Surety publisher without a usable id. AMQP gives a
+            // message no identity of its own, so it gets a fresh one, which no other
+            // message can share; Surety's retry copies and dead letter carry it on.
             tracing::warn!(
                 destination,
-                "message without message-id; a new id was assigned"
+                "message without a usable message-id; a new id was assigned"
             );
             MessageId::new()
         });
@@ -128,17 +182,15 @@ pub(crate) fn decode(destination: &str, properties: &BasicProperties, body: &[u8
     } else if let Some(secs) = properties.timestamp() {
         message = message.with_created_at(UNIX_EPOCH + Duration::from_secs(*secs));
     }
-    if let Some(key) = header(properties, KEY_HEADER).and_then(text) {
+    if let Some(key) = header(properties, KEY_HEADER).map(text) {
         message = message.with_key(key);
     }
     if let Some(table) = properties.headers() {
         for (name, value) in table.inner() {
-            if internal(name.as_str()) {
+            if internal(name.as_str(), lane) {
                 continue;
             }
-            if let Some(v) = text(value) {
-                message = message.with_header(name.as_str(), v);
-            }
+            message = message.with_header(name.as_str(), text(value));
         }
     }
     if message.header(headers::CONTENT_TYPE).is_none()
@@ -173,19 +225,6 @@ pub(crate) fn set(table: &mut FieldTable, name: &str, value: &str) {
     table.insert(name.into(), long(value));
 }
 
-/// Removes the headers that count deliveries, so a copy starts from one.
-pub(crate) fn reset_counts(table: &mut FieldTable) -> FieldTable {
-    let mut out = FieldTable::default();
-    for (name, value) in table.inner() {
-        let n = name.as_str();
-        if n == headers::ATTEMPT || n.starts_with("x-") {
-            continue;
-        }
-        out.insert(name.clone(), value.clone());
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,7 +237,7 @@ mod tests {
             .with_header(headers::CONTENT_TYPE, "application/json");
         let p = encode(&m);
         assert_eq!(p.delivery_mode(), &Some(2));
-        let back = decode("orders", &p, b"body");
+        let back = decode("orders", &p, b"body", Lane::Open);
         assert_eq!(back.id(), m.id());
         assert_eq!(back.key(), Some("customer-7"));
         assert_eq!(back.header("trace"), Some("abc"));
@@ -210,14 +249,62 @@ mod tests {
 
     #[test]
     fn attempts_count_header_and_unsettled_deliveries() {
+        let retry = Lane::Retry { max_attempts: 10 };
         let p = encode(&Message::new("d", "x"));
-        assert_eq!(attempt(&p, false), 1);
-        assert_eq!(attempt(&p, true), 2);
+        assert_eq!(attempt(&p, false, retry), 1);
+        assert_eq!(attempt(&p, true, retry), 2);
         let retried = republish_properties(&p, |t| set(t, headers::ATTEMPT, "3"));
-        assert_eq!(attempt(&retried, false), 4);
+        assert_eq!(attempt(&retried, false, retry), 4);
         let mut t = retried.headers().clone().unwrap();
         t.insert(DELIVERY_COUNT.into(), AMQPValue::LongLongInt(2));
         let crashed = retried.clone().with_headers(t);
-        assert_eq!(attempt(&crashed, true), 6);
+        assert_eq!(attempt(&crashed, true, retry), 6);
+    }
+
+    #[test]
+    fn an_attempt_header_counts_only_on_the_retry_lane_and_within_the_policy() {
+        let forged = republish_properties(&encode(&Message::new("d", "x")), |t| {
+            set(t, headers::ATTEMPT, "1000")
+        });
+        assert_eq!(attempt(&forged, false, Lane::Open), 1);
+        assert_eq!(attempt(&forged, false, Lane::Retry { max_attempts: 5 }), 6);
+        let seen = decode("d", &forged, b"x", Lane::Open);
+        assert_eq!(
+            seen.header(headers::ATTEMPT),
+            Some("1000"),
+            "data, not bookkeeping"
+        );
+        assert_eq!(Lane::of("", 5), Lane::Retry { max_attempts: 5 });
+        assert_eq!(Lane::of("surety", 5), Lane::Open);
+    }
+
+    #[test]
+    fn header_values_of_every_type_arrive() {
+        let mut t = FieldTable::default();
+        t.insert(
+            "binary".into(),
+            AMQPValue::LongString(LongString::from(vec![0xff, 0x41])),
+        );
+        t.insert(
+            "bytes".into(),
+            AMQPValue::ByteArray(vec![0x00, 0xfe].into()),
+        );
+        t.insert("real".into(), AMQPValue::Double(1.5));
+        t.insert("none".into(), AMQPValue::Void);
+        t.insert(
+            "nested".into(),
+            AMQPValue::FieldTable(FieldTable::default()),
+        );
+        let m = decode(
+            "d",
+            &BasicProperties::default().with_headers(t),
+            b"",
+            Lane::Open,
+        );
+        assert_eq!(m.header("binary"), Some("\\xffA"));
+        assert_eq!(m.header("bytes"), Some("\u{0}\\xfe"));
+        assert_eq!(m.header("real"), Some("1.5"));
+        assert_eq!(m.header("none"), Some(""));
+        assert!(m.header("nested").is_some());
     }
 }

@@ -258,9 +258,10 @@ impl Consumer {
 
     async fn process(&self, amqp: AmqpDelivery) {
         let sub = &self.subscription;
-        let attempt = codec::attempt(&amqp.properties, amqp.redelivered);
+        let lane = codec::Lane::of(amqp.exchange.as_str(), sub.retry.max_attempts);
+        let attempt = codec::attempt(&amqp.properties, amqp.redelivered, lane);
         let delivery = Delivery {
-            message: codec::decode(&sub.destination, &amqp.properties, &amqp.data),
+            message: codec::decode(&sub.destination, &amqp.properties, &amqp.data, lane),
             attempt,
             group: sub.group.clone(),
         };
@@ -287,7 +288,8 @@ impl Consumer {
     }
 
     /// Publishes a copy of `message` that comes back to the group's queue after `after`,
-    /// carrying `delivered` (deliveries so far) in the attempt header.
+    /// carrying `delivered` (deliveries so far) in the attempt header and the message's id
+    /// (which a foreign message without one was given at its first delivery).
     async fn requeue_later(
         &self,
         amqp: &AmqpDelivery,
@@ -297,7 +299,8 @@ impl Consumer {
     ) -> Result<()> {
         let properties = codec::republish_properties(&amqp.properties, |t| {
             codec::set(t, headers::ATTEMPT, &delivered.to_string())
-        });
+        })
+        .with_message_id(message.id().as_str().into());
         let bucket = topology::delay_bucket(after);
         let queue = if bucket.is_zero() {
             self.queue.clone()
@@ -354,15 +357,15 @@ impl Consumer {
     }
 
     /// Publishes `dead` (built by the consume path), confirmed, through the router. The
-    /// original AMQP properties are kept (a foreign producer's content type, reply-to...),
-    /// the delivery counts dropped, and the dead letter's headers written over them.
+    /// original AMQP properties are kept (a foreign producer's content type, reply-to...);
+    /// the headers, id and key are the dead letter's own, so what it left out (a header
+    /// too big to carry on) stays out and its id is the one the handler saw.
     async fn dead_letter(&self, amqp: &AmqpDelivery, dead: &Message) -> Result<()> {
+        let own = codec::encode(dead);
         let properties = codec::republish_properties(&amqp.properties, |t| {
-            *t = codec::reset_counts(t);
-            for (name, value) in dead.headers() {
-                codec::set(t, name, value);
-            }
-        });
+            *t = own.headers().clone().unwrap_or_default();
+        })
+        .with_message_id(dead.id().as_str().into());
         let router = &self.connector.config().router_exchange;
         self.publish
             .run(dead, dead.destination(), || {

@@ -167,7 +167,7 @@ impl DeadLetterPass for Walk {
         self.taken += 1;
         let d = &got.delivery;
         let stored = StoredDeadLetter {
-            message: codec::decode(&self.dead, &d.properties, &d.data),
+            message: codec::decode(&self.dead, &d.properties, &d.data, codec::Lane::Open),
             position: Some(format!("{} #{}", self.queue, self.taken)),
         };
         self.last = Some(got);
