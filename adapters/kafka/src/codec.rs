@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rdkafka::Message as _;
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::FutureRecord;
+use surety_core::raw::wire_text;
 use surety_core::{Message, MessageId, headers};
 
 /// When a retried record is due, milliseconds since the Unix epoch.
@@ -60,15 +61,34 @@ pub(crate) struct Decoded {
 /// Where a consumed record was read from, which decides whether its retry headers are
 /// the adapter's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Origin {
-    /// The subscription's own retry topic: written only by the adapter.
-    RetryTopic,
+pub(crate) enum Origin<'a> {
+    /// The subscription's own retry topic: written only by the adapter. Even there the
+    /// headers are bounded: the origin is the subscription's `destination` (a
+    /// `surety-retry-of` naming another is ignored) and the attempts count up to the
+    /// policy's `max_attempts`.
+    RetryTopic {
+        /// The subscription's destination.
+        destination: &'a str,
+        /// The policy's attempts.
+        max_attempts: u32,
+    },
     /// Any other topic (the subscribed one, a dead-letter topic): anyone may write it.
     Open,
 }
 
-pub(crate) fn decode(record: &OwnedMessage, origin: Origin) -> Decoded {
-    let trusted = origin == Origin::RetryTopic;
+/// Rebuilds the message of `record` read on `origin`. Header values (and a key) that are
+/// not UTF-8 are escaped ([`wire_text`]), a null header value is an empty one: what a
+/// producer wrote reaches the handler. A record without a usable `surety-message-id` is
+/// identified by its position, `<topic>-<partition>-<offset>`, which its retry copies
+/// and dead letter carry on.
+pub(crate) fn decode(record: &OwnedMessage, origin: Origin<'_>) -> Decoded {
+    let (trusted, max_attempts) = match origin {
+        Origin::RetryTopic {
+            destination,
+            max_attempts,
+        } => (Some(destination), max_attempts),
+        Origin::Open => (None, 0),
+    };
     let payload = record.payload().map(<[u8]>::to_vec).unwrap_or_default();
     let mut message = Message::new(record.topic(), payload);
     let mut id = None;
@@ -77,20 +97,32 @@ pub(crate) fn decode(record: &OwnedMessage, origin: Origin) -> Decoded {
     let mut due = None;
     if let Some(h) = record.headers() {
         for header in h.iter() {
-            let Some(value) = header.value.and_then(|v| std::str::from_utf8(v).ok()) else {
-                continue;
-            };
+            let value = wire_text(header.value.unwrap_or_default());
             match header.key {
                 headers::MESSAGE_ID => id = MessageId::parse(value).ok(),
                 headers::CREATED_AT => created = value.parse::<u64>().ok(),
-                headers::ATTEMPT if trusted => prior_attempts = value.parse().unwrap_or(0),
-                RETRY_AT if trusted => {
+                headers::ATTEMPT if trusted.is_some() => {
+                    prior_attempts = value.parse::<u32>().unwrap_or(0).min(max_attempts)
+                }
+                RETRY_AT if trusted.is_some() => {
                     due = value
                         .parse::<u64>()
                         .ok()
                         .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
                 }
-                RETRY_OF if trusted => message = message.with_destination(value),
+                RETRY_OF => match trusted {
+                    Some(destination) => {
+                        if value != destination {
+                            tracing::warn!(
+                                topic = record.topic(),
+                                offset = record.offset(),
+                                "a retried record names another origin; its subscription's destination is used"
+                            );
+                        }
+                        message = message.with_destination(destination);
+                    }
+                    None => message = message.with_header(RETRY_OF, value),
+                },
                 name => message = message.with_header(name, value),
             }
         }
@@ -106,8 +138,8 @@ pub(crate) fn decode(record: &OwnedMessage, origin: Origin) -> Decoded {
         .unwrap_or_default()
     });
     message = message.with_id(id);
-    if let Some(key) = record.key().and_then(|k| std::str::from_utf8(k).ok()) {
-        message = message.with_key(key);
+    if let Some(key) = record.key() {
+        message = message.with_key(wire_text(key));
     }
     let created = created
         .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
@@ -198,7 +230,11 @@ mod tests {
         let m = Message::new("orders", "x");
         let due = SystemTime::now() + Duration::from_secs(2);
         let r = retry_message(&m, "orders.g.retry", 2, due);
-        let d = decode(&record(&r, "orders.g.retry"), Origin::RetryTopic);
+        let lane = Origin::RetryTopic {
+            destination: "orders",
+            max_attempts: 5,
+        };
+        let d = decode(&record(&r, "orders.g.retry"), lane);
         assert_eq!(d.message.destination(), "orders");
         assert_eq!(d.message.id(), m.id());
         assert_eq!(d.prior_attempts, 2);
@@ -217,5 +253,47 @@ mod tests {
         assert!(d.due.is_none());
         assert_eq!(d.message.header(RETRY_OF), Some("../../etc/passwd"));
         assert_eq!(d.message.header(headers::ATTEMPT), Some("1000"));
+    }
+
+    #[test]
+    fn a_retried_record_cannot_name_another_origin_or_exceed_the_attempts() {
+        let m = Message::new("orders", "x");
+        let r = retry_message(&m, "orders.g.retry", 1000, SystemTime::now())
+            .with_header(RETRY_OF, "../../etc/passwd");
+        let lane = Origin::RetryTopic {
+            destination: "orders",
+            max_attempts: 5,
+        };
+        let d = decode(&record(&r, "orders.g.retry"), lane);
+        assert_eq!(d.message.destination(), "orders");
+        assert_eq!(d.prior_attempts, 5);
+    }
+
+    #[test]
+    fn bytes_that_are_not_text_and_null_values_arrive_escaped() {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "binary",
+                value: Some(&[0xff_u8, 0x41][..]),
+            })
+            .insert(Header::<&[u8]> {
+                key: "null",
+                value: None,
+            });
+        let r = OwnedMessage::new(
+            None,
+            Some(vec![0xc3, 0x28]),
+            "orders".to_owned(),
+            Timestamp::CreateTime(1),
+            0,
+            7,
+            Some(headers),
+        );
+        let d = decode(&r, Origin::Open);
+        assert_eq!(d.message.header("binary"), Some("\\xffA"));
+        assert_eq!(d.message.header("null"), Some(""));
+        assert_eq!(d.message.key(), Some("\\xc3("));
+        assert_eq!(d.message.id().as_str(), "orders-0-7");
+        assert!(d.message.payload().is_empty());
     }
 }

@@ -293,7 +293,7 @@ pub(crate) fn unroutable(topic: &str) -> Error {
 /// Kafka topic names: 1 to 249 bytes of `[A-Za-z0-9._-]`, not `.` or `..`.
 pub(crate) fn validate_topic(topic: &str) -> Result<()> {
     surety_core::raw::validate_destination(topic)?;
-    if topic == "." || topic == ".." || topic.contains('%') {
+    if topic == "." || topic == ".." || topic.contains(['%', '|']) {
         return Err(Error::invalid(format!(
             "{topic:?} is not a valid Kafka topic name ([A-Za-z0-9._-], not . or ..)"
         ))

@@ -147,7 +147,10 @@ impl Lane {
         let core = self.core.clone();
         let offset = record.offset();
         let origin = if record.topic() == self.core.retry_topic {
-            Origin::RetryTopic
+            Origin::RetryTopic {
+                destination: &core.subscription.destination,
+                max_attempts: core.subscription.retry.max_attempts,
+            }
         } else {
             Origin::Open
         };
