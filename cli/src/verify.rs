@@ -59,7 +59,6 @@ async fn verify(
         f
     };
     let (adapter, fixture) = fixture(broker_url, database_url).await.map_err(fail)?;
-    let caps = fixture.broker.capabilities();
     let report = Report::default();
     let cases: Vec<_> = CASES
         .iter()
@@ -73,7 +72,7 @@ async fn verify(
     let mut failed = 0;
     for (i, case) in cases.iter().enumerate() {
         let started = Instant::now();
-        let verdict = if let Some(why) = case.unsupported_by(&caps) {
+        let verdict = if let Some(why) = case.unsupported_by(&fixture) {
             Verdict::NotSupported(why)
         } else {
             // A case that panics outside the deliberate ones is a failure, not a crash

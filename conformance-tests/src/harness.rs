@@ -57,10 +57,9 @@ pub fn run(fixtures: &[(String, Fixture)]) -> ExitCode {
 
     let mut trials = Vec::new();
     for (adapter, fixture) in &fixtures {
-        let caps = fixture.broker.capabilities();
         for case in CASES {
             let name = format!("{adapter}::{}", case.name);
-            if let Some(why) = case.unsupported_by(&caps) {
+            if let Some(why) = case.unsupported_by(fixture) {
                 if args
                     .filter
                     .as_ref()

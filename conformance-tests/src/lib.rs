@@ -59,7 +59,8 @@
 //!
 //! `cases/` holds the cases, one file per topic, and the steps they share; `harness.rs`
 //! is [`run`]; `report.rs` the matrix; `support.rs` the recording handler and ledger;
-//! `recorder.rs` the metrics recorder of the metrics case;
+//! `recorder.rs` the metrics recorder of the metrics case; `foreign.rs` the producer
+//! that is not Surety, which the hostile-input cases send through;
 //! `runner.rs` what every runner shares (adapters from `SURETY_ADAPTERS`, hiding
 //! deliberate panics). `faults/` holds the fault scenarios and their runner. The test
 //! binaries in `tests/` only build this workspace's adapters.
@@ -70,6 +71,7 @@ mod cases;
 pub mod fault_proxy;
 #[cfg(feature = "faults")]
 pub mod faults;
+pub mod foreign;
 mod harness;
 mod recorder;
 mod report;
@@ -82,6 +84,7 @@ use std::time::Duration;
 pub use cases::{CASES, Case};
 #[cfg(feature = "fault-proxy")]
 pub use fault_proxy::{FaultProxy, ProxyOptions};
+pub use foreign::{ForeignMessage, ForeignProducer};
 pub use harness::{run, runtime};
 pub use report::{Report, Row, Verdict};
 pub use support::{Collector, Ledger, unique_name};
@@ -108,6 +111,9 @@ pub struct Fixture {
     /// second copy of the message behind an entry that stays is still there. Every other
     /// adapter removes every copy.
     pub redrive_leaves_copies_behind: bool,
+    /// The broker's own client as a producer that is not Surety, for the hostile-input
+    /// cases; without one they are not supported.
+    pub foreign: Option<Arc<dyn ForeignProducer>>,
 }
 
 impl Fixture {
@@ -120,6 +126,7 @@ impl Fixture {
             check_back_timeout: Duration::from_secs(60),
             settled_check_backs: false,
             redrive_leaves_copies_behind: false,
+            foreign: None,
         }
     }
 
@@ -144,6 +151,12 @@ impl Fixture {
     /// Says that the broker may ask the check-back about settled transactions.
     pub fn settled_check_backs(mut self, possible: bool) -> Self {
         self.settled_check_backs = possible;
+        self
+    }
+
+    /// Gives the hostile-input cases a producer that is not Surety.
+    pub fn foreign(mut self, producer: Arc<dyn ForeignProducer>) -> Self {
+        self.foreign = Some(producer);
         self
     }
 

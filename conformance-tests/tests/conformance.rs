@@ -5,11 +5,15 @@
 //!
 //! Without `SURETY_ADAPTERS`: `memory` plus every adapter whose broker answers; the run
 //! says which it skipped and why. Named adapters that cannot run fail the run.
+// The RocketMQ client's futures are deeply nested types.
+#![recursion_limit = "512"]
 
 #[cfg(not(feature = "sql"))]
 compile_error!(
     "this runner gives RabbitMQ and Kafka half messages through the `sql` feature (on by default)"
 );
+
+mod foreign;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +59,7 @@ fn fixture(adapter: &str) -> Result<Fixture, String> {
         "kafka" => {
             let config = surety_kafka::KafkaConfig::from_env();
             let servers = config.bootstrap_servers.clone();
+            let foreign = foreign::KafkaForeign::connect(&config)?;
             let broker = runtime()
                 .block_on(surety_kafka::KafkaBroker::connect(config))
                 .map_err(|e| format!("cannot reach Kafka at {servers}: {e}"))?;
@@ -62,12 +67,14 @@ fn fixture(adapter: &str) -> Result<Fixture, String> {
             // extra deliveries without letting retry cases run out their attempts.
             Ok(Fixture::new(with_sql_half_messages(Arc::new(broker))?)
                 .quiet_period(Duration::from_secs(1))
-                .check_back_timeout(Duration::from_secs(30)))
+                .check_back_timeout(Duration::from_secs(30))
+                .foreign(Arc::new(foreign)))
         }
         "rabbitmq" => {
             let config = surety_rabbitmq::RabbitConfig::from_env()
                 .map_err(|e| format!("SURETY_RABBITMQ_URL: {e}"))?;
             let url = config.redacted_url();
+            let foreign = runtime().block_on(foreign::RabbitForeign::connect(&config))?;
             let broker = runtime()
                 .block_on(surety_rabbitmq::RabbitBroker::connect(config))
                 .map_err(|e| format!("cannot reach RabbitMQ at {url}: {e}"))?;
@@ -75,11 +82,14 @@ fn fixture(adapter: &str) -> Result<Fixture, String> {
             // 300 ms in a delay queue: a second of quiet catches late or extra deliveries.
             Ok(Fixture::new(with_sql_half_messages(Arc::new(broker))?)
                 .quiet_period(Duration::from_secs(1))
-                .check_back_timeout(Duration::from_secs(30)))
+                .check_back_timeout(Duration::from_secs(30))
+                .foreign(Arc::new(foreign)))
         }
         "rocketmq" => {
             let config = surety_rocketmq::RocketMqConfig::from_env();
             let namesrv = config.namesrv.clone();
+            let foreign = foreign::RocketForeign::build(&config)?;
+            runtime().block_on(foreign.start())?;
             let broker = runtime()
                 .block_on(surety_rocketmq::RocketMqBroker::connect(config))
                 .map_err(|e| format!("cannot reach RocketMQ at {namesrv}: {e}"))?;
@@ -90,7 +100,8 @@ fn fixture(adapter: &str) -> Result<Fixture, String> {
                 .quiet_period(Duration::from_secs(2))
                 .check_back_timeout(Duration::from_secs(40))
                 .settled_check_backs(true)
-                .redrive_leaves_copies_behind(true))
+                .redrive_leaves_copies_behind(true)
+                .foreign(Arc::new(foreign)))
         }
         other => Err(format!(
             "unknown adapter {other:?}; expected one of {}",

@@ -24,6 +24,10 @@
 //!
 //! Broker restarts run `scripts/brokers restart <name>` and disturb everything else on
 //! that broker: run this binary alone.
+// The RocketMQ client's futures are deeply nested types.
+#![recursion_limit = "512"]
+
+mod foreign;
 
 #[cfg(not(feature = "faults"))]
 compile_error!("the fault runner needs the `faults` feature of surety-conformance (on by default)");
@@ -91,26 +95,34 @@ fn adapter(name: &str) -> Result<FaultAdapter, String> {
         "rabbitmq" => {
             let config = rabbit_config()?;
             let url = config.redacted_url();
+            let foreign = runtime().block_on(foreign::RabbitForeign::connect(&config))?;
             let broker = runtime()
                 .block_on(surety_rabbitmq::RabbitBroker::connect(config))
                 .map_err(|e| format!("cannot reach RabbitMQ at {url}: {e}"))?;
-            Ok(FaultAdapter::networked(f(Arc::new(broker)))
-                .proxied(rabbitmq_proxied)
-                .restart(|| restart_broker("rabbitmq")))
+            Ok(
+                FaultAdapter::networked(f(Arc::new(broker)).foreign(Arc::new(foreign)))
+                    .proxied(rabbitmq_proxied)
+                    .restart(|| restart_broker("rabbitmq")),
+            )
         }
         "kafka" => {
             let config = surety_kafka::KafkaConfig::from_env();
             let servers = config.bootstrap_servers.clone();
+            let foreign = foreign::KafkaForeign::connect(&config)?;
             let broker = runtime()
                 .block_on(surety_kafka::KafkaBroker::connect(config))
                 .map_err(|e| format!("cannot reach Kafka at {servers}: {e}"))?;
-            Ok(FaultAdapter::networked(f(Arc::new(broker)))
-                .proxied(kafka_proxied)
-                .restart(|| restart_broker("kafka")))
+            Ok(
+                FaultAdapter::networked(f(Arc::new(broker)).foreign(Arc::new(foreign)))
+                    .proxied(kafka_proxied)
+                    .restart(|| restart_broker("kafka")),
+            )
         }
         "rocketmq" => {
             let config = surety_rocketmq::RocketMqConfig::from_env();
             let namesrv = config.namesrv.clone();
+            let foreign = foreign::RocketForeign::build(&config)?;
+            runtime().block_on(foreign.start())?;
             let broker = runtime()
                 .block_on(surety_rocketmq::RocketMqBroker::connect(config))
                 .map_err(|e| format!("cannot reach RocketMQ at {namesrv}: {e}"))?;
@@ -119,7 +131,8 @@ fn adapter(name: &str) -> Result<FaultAdapter, String> {
             // (docs/rocketmq-interop.md): deliveries may resume only after that.
             let fixture = f(Arc::new(broker))
                 .quiet_period(Duration::from_secs(2))
-                .delivery_timeout(Duration::from_secs(60));
+                .delivery_timeout(Duration::from_secs(60))
+                .foreign(Arc::new(foreign));
             Ok(FaultAdapter::networked(fixture)
                 .proxied(rocketmq_proxied)
                 .restart(|| restart_broker("rocketmq")))

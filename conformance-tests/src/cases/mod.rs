@@ -20,6 +20,7 @@ macro_rules! ensure {
 
 mod consuming;
 mod dead_letters;
+mod hostile;
 mod metrics;
 mod publishing;
 mod steps;
@@ -32,6 +33,10 @@ use consuming::{
 use dead_letters::{
     dead_letter_unavailable_keeps_message, dead_letters_listed_and_redriven,
     reject_dead_letters_at_once, retry_then_dead_letter,
+};
+use hostile::{
+    forged_control_headers_are_data, one_group_on_two_destinations_stays_apart,
+    oversized_headers_never_block_the_dead_letter, unusable_ids_are_replaced_by_stable_ones,
 };
 use metrics::metrics_recorded;
 use publishing::{
@@ -53,30 +58,44 @@ pub struct Case {
     pub promise: &'static str,
     /// Capabilities the adapter must have; otherwise "not supported".
     pub requires: &'static [Capability],
+    /// Whether the case sends through a producer that is not Surety
+    /// ([`Fixture::foreign`]); otherwise "not supported".
+    pub needs_foreign: bool,
     /// Runs the case.
     pub run: fn(Fixture) -> BoxFuture<'static, CaseResult>,
 }
 
 impl Case {
-    /// Why an adapter with `caps` cannot run this case (`needs <capabilities>`), or
-    /// `None` when it can.
-    pub fn unsupported_by(&self, caps: &Capabilities) -> Option<String> {
-        let missing: Vec<String> = self
+    /// Why `fixture` cannot run this case (`needs <capabilities>`, or a foreign producer),
+    /// or `None` when it can.
+    pub fn unsupported_by(&self, fixture: &Fixture) -> Option<String> {
+        let caps: Capabilities = fixture.broker.capabilities();
+        let mut missing: Vec<String> = self
             .requires
             .iter()
             .filter(|c| !caps.supports(**c))
             .map(|c| c.to_string())
             .collect();
+        if self.needs_foreign && fixture.foreign.is_none() {
+            missing.push("a foreign producer (the broker's own client)".to_owned());
+        }
         (!missing.is_empty()).then(|| format!("needs {}", missing.join(", ")))
     }
 }
 
 macro_rules! case {
     ($name:ident, $promise:literal, [$($cap:ident),*]) => {
+        case!($name, $promise, [$($cap),*], needs_foreign: false)
+    };
+    ($name:ident, $promise:literal, [$($cap:ident),*], foreign) => {
+        case!($name, $promise, [$($cap),*], needs_foreign: true)
+    };
+    ($name:ident, $promise:literal, [$($cap:ident),*], needs_foreign: $foreign:literal) => {
         Case {
             name: stringify!($name),
             promise: $promise,
             requires: &[$(Capability::$cap),*],
+            needs_foreign: $foreign,
             run: |f| Box::pin($name(f)),
         }
     };
@@ -105,5 +124,9 @@ pub static CASES: &[Case] = &[
     case!(check_back_resolves_unknown, "Unknown (or a panicking local transaction) is resolved by the check-back, both ways", [HalfMessages]),
     case!(check_back_after_producer_dies, "a new producer of the group answers the check-back of a producer that died", [HalfMessages]),
     case!(broker_transaction_is_atomic, "a broker transaction delivers all its messages on commit and none on abort", [BrokerTransactions]),
+    case!(one_group_on_two_destinations_stays_apart, "a group on two destinations: retries, dead letters and re-drives of one never reach the other", [DeadLetter]),
+    case!(forged_control_headers_are_data, "Surety's control headers written by a foreign producer are delivered as data, never obeyed", [], foreign),
+    case!(oversized_headers_never_block_the_dead_letter, "poison messages with headers at, over and far over Surety's limits are retried and dead-lettered with a reason; the next message flows", [DeadLetter], foreign),
+    case!(unusable_ids_are_replaced_by_stable_ones, "a foreign message without a usable id keeps one id on every delivery and in its dead letter; odd bytes and empty bodies arrive", [DeadLetter], foreign),
     case!(metrics_recorded, "publishes, confirms, failures, deliveries, retries and dead letters are counted under the documented names and labels", [DeadLetter]),
 ];

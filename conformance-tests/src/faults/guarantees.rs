@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::RESTART;
 use super::harness::{
-    BAD, CUT, CUT_MESSAGES, KILL, KILL_MESSAGES, POISON, POISON_MESSAGES, PRODUCER_KILL,
+    BAD, CUT, CUT_MESSAGES, HOSTILE, KILL, KILL_MESSAGES, POISON, POISON_MESSAGES, PRODUCER_KILL,
     PRODUCER_MESSAGES, RELAY_BATCH, RELAY_KILL, RELAY_MESSAGES, RESTART_MESSAGES, STALL,
     STALL_MESSAGES, STALL_PAUSE,
 };
@@ -58,8 +58,9 @@ pub(super) fn write_guarantees(
          - `{PRODUCER_KILL}`: a producer process sends {PRODUCER_MESSAGES} half messages; every other local transaction commits a row, the others roll back; the process is SIGKILLed after its local transactions and before Surety commits. A new producer of the same group, whose check-back reads the rows, must resolve them: committed → applied once, rolled back → never delivered. RocketMQ: native half messages and the broker's check-back; RabbitMQ and Kafka: `surety-sql`'s prepared store (`WithSqlHalfMessages`).\n\
          - `{POISON}`: {POISON_MESSAGES} messages, every 10th poison (alternately rejected by the handler and failing until 3 attempts are used up).\n\
          - `{STALL}`: {STALL_MESSAGES} publishes with confirm through the proxies, which hold every byte for {stall} s half-way (longer than the clients' 5 s confirm / request timeouts and RocketMQ's 3 s send timeout), then let them flow again; same rules as the cut, recovery measured from the end of the stall.\n\
-         - `{BAD}`: oversized payload, empty / spaced / non-ASCII header names, a newline in a header value, a control character in a key, empty and malformed destinations: each a permanent `invalid_message`; declaring or subscribing to an empty destination is a typed error; nothing reaches a consumer.\n\n\
-         Malformed envelopes from a foreign producer (no id, garbage in Surety's headers, bytes that are not UTF-8) are covered by each adapter's own tests with the broker's raw client: `malformed_*_from_a_foreign_*` in `adapters/{{kafka,rabbitmq,rocketmq}}/tests/`; each message reaches the handler with an id or is dead-lettered with the reason, and the consumer goes on.\n",
+         - `{BAD}`: oversized payload, empty / spaced / non-ASCII header names, a newline in a header value, a control character in a key, empty and malformed destinations: each a permanent `invalid_message`; declaring or subscribing to an empty destination is a typed error; nothing reaches a consumer.\n\
+         - `{HOSTILE}`: the conformance suite's hostile-input cases, sent by the broker's own client (lapin, rdkafka, RocketMQ's `DefaultMQProducer`) as a producer that is not Surety: Surety's control headers forged on the destination (a year-ahead due time, a foreign origin, 1000 attempts) must be delivered as data, as a first attempt; poison messages with a header at, just over and far over Surety's 8 KiB limit (20 000 bytes) must be dead-lettered with the reason and the oversized header removed and named, and one retried with it keeps it; messages without an id or with a garbage one keep one id on every delivery and in their dead letter, bytes that are not text and null headers arrive; one group on two destinations never sees the other's retries or dead letters, and re-driving one leaves the other's alone. Each case ends with a good message that must be delivered once. Memory has no wire for a foreign client.\n\n\
+         Each adapter's own tests add malformed envelopes (`malformed_*_from_a_foreign_*` in `adapters/{{kafka,rabbitmq,rocketmq}}/tests/`) and, on Kafka, forged retry headers and an oversized header's re-drive.\n",
         date = today(),
         stall = STALL_PAUSE.as_secs(),
         result = if passed { "pass" } else { "FAIL" },

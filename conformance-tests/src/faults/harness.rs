@@ -20,7 +20,9 @@ use super::network::run_network_fault;
 use super::producer_kill::run_producer_kill;
 use super::relay_kill::run_relay_kill;
 use super::restart::run_restart;
-use super::{FaultReport, FaultRow, NetworkFault, RESTART, bad_input, poison_stream};
+use super::{
+    FaultReport, FaultRow, NetworkFault, RESTART, bad_input, hostile_input, poison_stream,
+};
 use crate::Fixture;
 use crate::fault_proxy::FaultProxy;
 use crate::harness::runtime;
@@ -33,7 +35,8 @@ pub(super) const PRODUCER_KILL: &str = "producer-killed-between-half-message-and
 pub(super) const POISON: &str = "poison-messages-in-a-stream";
 pub(super) const STALL: &str = "stall-beyond-client-timeouts";
 pub(super) const BAD: &str = "bad-input";
-/// Every scenario, in the issue's order (scenarios 1 to 7, then bad input).
+pub(super) const HOSTILE: &str = "hostile-input";
+/// Every scenario, in the issue's order (scenarios 1 to 7, then bad and hostile input).
 pub const SCENARIOS: &[&str] = &[
     RESTART,
     CUT,
@@ -43,6 +46,7 @@ pub const SCENARIOS: &[&str] = &[
     POISON,
     STALL,
     BAD,
+    HOSTILE,
 ];
 
 /// Messages per scenario: enough to overlap faults with traffic, few enough to keep a
@@ -152,6 +156,7 @@ async fn run_scenario(
         KILL => run_kill(adapter, f).await,
         PRODUCER_KILL => run_producer_kill(adapter, target).await,
         BAD => bad_input(adapter, f).await,
+        HOSTILE => hostile_input(HOSTILE, adapter, f).await,
         other => Err(format!("unknown scenario {other}")),
     }
 }

@@ -9,7 +9,8 @@
 //!
 //! One file per scenario family: `restart.rs` (1), `network.rs` (2 and 7: cut and stall
 //! through a [`FaultProxy`](crate::FaultProxy)), `relay_kill.rs` (3), `consumer_kill.rs`
-//! (4), `producer_kill.rs` (5), `poison.rs` (6), `bad_input.rs`. Scenarios with effects
+//! (4), `producer_kill.rs` (5), `poison.rs` (6), `bad_input.rs`, `hostile.rs` (the
+//! conformance suite's hostile-input cases, sent by the fixture's foreign producer). Scenarios with effects
 //! apply them through an [`EffectStore`]; the runner gives them `surety-sql`'s inbox on
 //! PostgreSQL (`pg.rs`). `children.rs` runs the relay and producer processes that
 //! scenarios 3 and 5 kill; `harness.rs` is the runner ([`run`]) and
@@ -37,6 +38,7 @@ mod children;
 mod consumer_kill;
 mod guarantees;
 mod harness;
+mod hostile;
 mod network;
 mod pg;
 mod poison;
@@ -47,6 +49,7 @@ mod restart;
 pub use bad_input::bad_input;
 pub use consumer_kill::{DyingConsumer, kill_before_ack};
 pub use harness::{FaultAdapter, Proxied, SCENARIOS, run};
+pub use hostile::hostile_input;
 pub use network::{
     NetworkFault, PUBLISH_HANG_LIMIT, network_fault_during_confirmed_sends, resolve, start_proxy,
 };
