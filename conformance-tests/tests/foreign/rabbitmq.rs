@@ -8,17 +8,35 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use surety_conformance::{ForeignMessage, ForeignProducer};
 use surety_rabbitmq::RabbitConfig;
+use tokio::sync::Mutex;
 
 pub struct RabbitForeign {
-    // Kept open for the channel's lifetime.
-    _connection: Connection,
-    channel: Channel,
+    url: String,
     exchange: String,
+    /// The connection and its confirming channel, opened again after a broker restart
+    /// (the fault runner restarts brokers between scenarios).
+    open: Mutex<Option<(Connection, Channel)>>,
 }
 
 impl RabbitForeign {
     pub async fn connect(config: &RabbitConfig) -> Result<Self, String> {
-        let connection = Connection::connect(&config.url, ConnectionProperties::default())
+        let foreign = RabbitForeign {
+            url: config.url.clone(),
+            exchange: config.router_exchange.clone(),
+            open: Mutex::new(None),
+        };
+        foreign.channel().await?;
+        Ok(foreign)
+    }
+
+    async fn channel(&self) -> Result<Channel, String> {
+        let mut open = self.open.lock().await;
+        if let Some((_, channel)) = open.as_ref()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
+        }
+        let connection = Connection::connect(&self.url, ConnectionProperties::default())
             .await
             .map_err(|e| format!("foreign RabbitMQ connection: {e}"))?;
         let channel = connection
@@ -29,11 +47,8 @@ impl RabbitForeign {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|e| format!("foreign RabbitMQ confirms: {e}"))?;
-        Ok(RabbitForeign {
-            _connection: connection,
-            channel,
-            exchange: config.router_exchange.clone(),
-        })
+        *open = Some((connection, channel.clone()));
+        Ok(channel)
     }
 }
 
@@ -53,7 +68,8 @@ impl ForeignProducer for RabbitForeign {
             properties = properties.with_message_id(ShortString::from(id));
         }
         let confirm = self
-            .channel
+            .channel()
+            .await?
             .basic_publish(
                 self.exchange.as_str().into(),
                 destination.into(),
