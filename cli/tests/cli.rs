@@ -499,8 +499,18 @@ fn verify_json(broker: &str, cases: &[&str]) -> Value {
 fn verify_memory_runs_every_case() {
     let doc = verify_json("memory:", &[]);
     let rows = doc["cases"].as_array().unwrap();
-    assert!(rows.len() >= 19, "{doc}");
-    assert!(rows.iter().all(|r| r["result"] == "pass"), "{doc}");
+    let passed = rows.iter().filter(|r| r["result"] == "pass").count();
+    assert!(passed >= 20, "{doc}");
+    // Only the hostile-input cases may be unsupported: they send through the broker's own
+    // client, and the memory broker has no wire for one.
+    assert!(
+        rows.iter().all(|r| r["result"] == "pass"
+            || (r["result"] == "not_supported"
+                && r["reason"]
+                    .as_str()
+                    .is_some_and(|why| why.contains("foreign producer")))),
+        "{doc}"
+    );
     // The table form prints the matrix.
     let out = surety(&[
         "verify",
