@@ -31,6 +31,15 @@ pub(crate) fn topology(what: &str, e: lapin::Error) -> Error {
     }
 }
 
+/// Whether the broker answered 404 NOT_FOUND (a passive declaration of something that
+/// does not exist).
+pub(crate) fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if matches!(
+        amqp.kind(),
+        AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)
+    ))
+}
+
 /// Whether the broker refused the connection's credentials (403 ACCESS_REFUSED while
 /// opening the connection: wrong password, unknown user, or no access to the vhost).
 pub(crate) fn is_access_refused(e: &lapin::Error) -> bool {

@@ -11,7 +11,7 @@
 //! | dead-letter destination | `d.g.dlq` ([`RabbitBroker`]'s `dead_letter_destination`): a destination like any other; declaring `d` with dead letters on also declares its group [`DEAD_LETTER_GROUP`] (queue `d.g.dlq:dead-letters`), which keeps every dead letter until read |
 //! | `Retry { after }` | a copy goes to the delay queue `d:g:delay:<ms>ms`, which dead-letters it back to `d:g` when its TTL expires; then the original is acked |
 //! | attempt count | `surety-attempt` header (deliveries so far, written by retries) + the quorum queue's `x-delivery-count` (deliveries nobody settled, e.g. a crash) + 1 |
-//! | broker transaction | `tx.select` / `tx.commit` / `tx.rollback` on a channel of its own |
+//! | broker transaction | `tx.select` / `tx.commit` / `tx.rollback` on a channel of its own; a message for an undeclared destination is refused by `publish` (`Unroutable`), one for a destination without queues is returned at commit, which reports it and how many others committed (RabbitMQ routes at commit) |
 //!
 //! **Why a router exchange.** Publishing to an exchange that does not exist is a channel
 //! error in AMQP (404): it would close the shared confirm channel and fail every other

@@ -389,28 +389,61 @@ async fn a_short_retry_is_not_stuck_behind_a_long_one() {
     assert!(start.elapsed() >= Duration::from_millis(200));
 }
 
+/// What a RabbitMQ transaction commits when a message cannot be routed: a destination
+/// nobody declared is refused before the message joins the transaction (the rest commits
+/// cleanly); one declared without any queue is returned at commit, which then says so and
+/// how many others were committed. Fails if an unroutable message is accepted silently,
+/// or if the error misstates what was committed.
 #[tokio::test]
-async fn broker_transaction_commits_atomically_and_reports_unroutable() {
+async fn broker_transaction_refuses_or_reports_unroutable_messages() {
     let broker = connect().await;
     let dest = name("tx");
     broker
         .declare(&Topology::new(&dest).group("g"))
         .await
         .unwrap();
+    let queueless = name("tx-noqueue");
+    broker.declare(&Topology::new(&queueless)).await.unwrap();
     let (handle, seen) = collect(&broker, Subscription::new(&dest, "g"), |_| Outcome::Ack).await;
+
+    // Undeclared: refused by publish, the transaction goes on and commits the rest.
     let mut tx = broker.begin_transaction().await.unwrap();
-    let kept = Message::new(&dest, "kept");
-    tx.publish(&kept).await.unwrap();
-    tx.publish(&Message::new(name("nowhere"), "x"))
+    let first = Message::new(&dest, "first");
+    tx.publish(&first).await.unwrap();
+    let e = tx
+        .publish(&Message::new(name("nowhere"), "x"))
         .await
-        .unwrap();
+        .expect_err("an undeclared destination joined the transaction");
+    assert_eq!(e.kind(), ErrorKind::Unroutable, "{e}");
+    tx.commit().await.expect("the rest commits");
+
+    // Declared without a queue: returned at commit; the error counts what committed.
+    let mut tx = broker.begin_transaction().await.unwrap();
+    let second = Message::new(&dest, "second");
+    let lost = Message::new(&queueless, "x");
+    tx.publish(&second).await.unwrap();
+    tx.publish(&lost).await.unwrap();
     let e = tx
         .commit()
         .await
-        .expect_err("an unroutable message was committed silently");
+        .expect_err("a returned message was committed silently");
     assert_eq!(e.kind(), ErrorKind::Unroutable, "{e}");
-    assert!(wait_for(Duration::from_secs(5), || seen.lock().unwrap().len() == 1).await);
+    assert!(e.message().contains(lost.id().as_str()), "{e}");
+    assert_eq!(e.context_value("committed"), Some("1"), "{e}");
+
+    let both = wait_for(Duration::from_secs(5), || seen.lock().unwrap().len() == 2).await;
     handle.shutdown().await;
+    let ids: Vec<_> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|d| d.message.id().clone())
+        .collect();
+    assert!(both, "delivered: {ids:?}");
+    assert!(
+        ids.contains(first.id()) && ids.contains(second.id()),
+        "{ids:?}"
+    );
 }
 
 /// A connection cut while many confirms are pending: every publish reports either a
