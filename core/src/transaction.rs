@@ -11,6 +11,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::FutureExt;
@@ -138,12 +139,18 @@ pub async fn run_local_transaction(message: &Message, local: LocalTransaction<'_
     }
 }
 
-/// Asks a check-back for `adapter`, turning a panic into `Unknown` (asked again later),
-/// inside a [`crate::telemetry::SPAN_CHECK_BACK`] span with the message id and destination.
+/// How long a check-back may take by default before it counts as `Unknown`.
+pub const DEFAULT_CHECK_BACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Asks a check-back for `adapter`, inside a [`crate::telemetry::SPAN_CHECK_BACK`] span
+/// with the message id and destination. A panic, or no answer within `timeout`, is
+/// `Unknown` (asked again later) with an error or warning log: one hung check-back never
+/// holds up the others behind it for longer than `timeout`.
 pub async fn run_check_back(
     adapter: &'static str,
     check_back: &dyn CheckBack,
     message: &Message,
+    timeout: Duration,
 ) -> TxState {
     let span = tracing::info_span!(
         crate::telemetry::SPAN_CHECK_BACK,
@@ -151,13 +158,23 @@ pub async fn run_check_back(
         destination = %message.destination(),
     );
     let asked = AssertUnwindSafe(check_back.check(message)).catch_unwind();
-    let state = match tracing::Instrument::instrument(asked, span).await {
-        Ok(state) => state,
-        Err(panic) => {
+    let bounded = tokio::time::timeout(timeout, asked);
+    let state = match tracing::Instrument::instrument(bounded, span).await {
+        Ok(Ok(state)) => state,
+        Ok(Err(panic)) => {
             tracing::error!(
                 message_id = %message.id(),
                 panic = %crate::panic::panic_text(&panic),
                 "check-back panicked; treating as unknown"
+            );
+            TxState::Unknown
+        }
+        Err(_) => {
+            tracing::warn!(
+                adapter,
+                message_id = %message.id(),
+                timeout_ms = timeout.as_millis() as u64,
+                "check-back did not answer in time; treating as unknown"
             );
             TxState::Unknown
         }

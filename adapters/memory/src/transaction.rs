@@ -189,7 +189,13 @@ async fn check_once(shared: &Shared) {
         due
     };
     for (id, message, check_back) in due {
-        let answer = run_check_back(ADAPTER, check_back.as_ref(), &message).await;
+        let answer = run_check_back(
+            ADAPTER,
+            check_back.as_ref(),
+            &message,
+            shared.config.check_back_timeout,
+        )
+        .await;
         let mut state = shared.lock();
         match answer {
             TxState::Commit => {

@@ -46,6 +46,9 @@ pub struct RocketMqConfig {
     /// Longest time a consumer's handler may run before the client gives the message up
     /// as failed (it is then redelivered).
     pub handler_timeout: Duration,
+    /// How long one check-back may take before it counts as `Unknown` (the broker asks
+    /// again later): a hung check-back must not hold the producer's check lane.
+    pub check_back_timeout: Duration,
 }
 
 impl RocketMqConfig {
@@ -64,6 +67,7 @@ impl RocketMqConfig {
             route_timeout: Duration::from_secs(10),
             max_message_size: BROKER_MAX_MESSAGE_SIZE - 64 * 1024,
             handler_timeout: Duration::from_secs(15 * 60),
+            check_back_timeout: surety_core::raw::DEFAULT_CHECK_BACK_TIMEOUT,
         }
     }
 
@@ -137,6 +141,7 @@ impl fmt::Debug for RocketMqConfig {
             .field("route_timeout", &self.route_timeout)
             .field("max_message_size", &self.max_message_size)
             .field("handler_timeout", &self.handler_timeout)
+            .field("check_back_timeout", &self.check_back_timeout)
             .finish()
     }
 }

@@ -32,8 +32,9 @@ use crate::error::{admin_error, send_error, status_error};
 use crate::publisher::RocketMqPublisher;
 use crate::shared::Shared;
 
-/// How long a check-back may take before the broker is told `Unknown` (it asks again).
-const CHECK_BACK_TIMEOUT: Duration = Duration::from_secs(20);
+/// How much longer than the check-back's own bound the client's check lane waits for its
+/// answer before telling the broker `Unknown` (it asks again).
+const CHECK_BACK_SLACK: Duration = Duration::from_secs(1);
 
 /// Passed as the client's `arg`: pairs the listener call with its `send_in_transaction`.
 struct Rendezvous {
@@ -51,6 +52,8 @@ fn to_client(state: TxState) -> LocalTransactionState {
 
 struct Bridge {
     check_back: Arc<dyn CheckBack>,
+    /// How long a check-back may take ([`crate::RocketMqConfig::check_back_timeout`]).
+    check_back_timeout: Duration,
     /// The application's runtime, where check-backs run.
     app: tokio::runtime::Handle,
 }
@@ -91,16 +94,19 @@ impl TransactionListener for Bridge {
         };
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let check_back = self.check_back.clone();
+        let timeout = self.check_back_timeout;
         let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.app.spawn(async move {
-                let state = run_check_back(ADAPTER, check_back.as_ref(), &message).await;
+                let state = run_check_back(ADAPTER, check_back.as_ref(), &message, timeout).await;
                 let _ = tx.send(state);
             })
         }));
         if spawned.is_err() {
             return LocalTransactionState::Unknown;
         }
-        match rx.recv_timeout(CHECK_BACK_TIMEOUT) {
+        // The check-back is bounded on the runtime; this only covers a runtime too busy to
+        // run it at all.
+        match rx.recv_timeout(self.check_back_timeout + CHECK_BACK_SLACK) {
             Ok(state) => to_client(state),
             Err(_) => LocalTransactionState::Unknown,
         }
@@ -129,6 +135,7 @@ impl RocketMqTransactionalPublisher {
         })?;
         let bridge = Bridge {
             check_back,
+            check_back_timeout: shared.config.check_back_timeout,
             app: tokio::runtime::Handle::current(),
         };
         let client_config = shared.client_config("tx");
@@ -295,8 +302,29 @@ mod tests {
     fn bridge(rt: &tokio::runtime::Runtime, check_back: Arc<dyn CheckBack>) -> Bridge {
         Bridge {
             check_back,
+            check_back_timeout: Duration::from_millis(300),
             app: rt.handle().clone(),
         }
+    }
+
+    #[test]
+    fn a_hung_check_back_is_unknown_within_its_timeout() {
+        let rt = runtime();
+        let b = bridge(
+            &rt,
+            Arc::new(check_back_fn(|_| async {
+                std::future::pending::<()>().await;
+                TxState::Commit
+            })),
+        );
+        let asked = Instant::now();
+        assert_eq!(
+            b.check_local_transaction(&half("hangs")),
+            LocalTransactionState::Unknown
+        );
+        // The timeout is 300 ms (plus the lane's 1 s slack at worst); the fallback before
+        // the check-back had its own bound was 20 s.
+        assert!(asked.elapsed() < Duration::from_secs(5), "{:?}", asked.elapsed());
     }
 
     #[test]

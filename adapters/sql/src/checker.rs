@@ -77,6 +77,10 @@ pub struct CheckerConfig {
     pub max_checks: u32,
     /// What happens after `max_checks` unanswered check-backs.
     pub on_exhausted: CheckExhausted,
+    /// How long one check-back may take before it counts as `Unknown` (asked again after
+    /// `check_interval`): a hung check-back holds up the rows behind it in a pass by at
+    /// most this.
+    pub check_back_timeout: Duration,
     /// Rows checked per pass.
     pub batch_size: usize,
     /// Sleep between passes when nothing was due.
@@ -85,13 +89,15 @@ pub struct CheckerConfig {
 
 impl Default for CheckerConfig {
     /// First check after 6 s, then every 30 s, 15 checks, then roll back (RocketMQ's
-    /// broker defaults); passes of 100 rows every second.
+    /// broker defaults), each check-back answering within 10 s; passes of 100 rows every
+    /// second.
     fn default() -> Self {
         CheckerConfig {
             check_timeout: Duration::from_secs(6),
             check_interval: Duration::from_secs(30),
             max_checks: 15,
             on_exhausted: CheckExhausted::Rollback,
+            check_back_timeout: surety_core::raw::DEFAULT_CHECK_BACK_TIMEOUT,
             batch_size: 100,
             poll_interval: Duration::from_secs(1),
         }
@@ -207,7 +213,14 @@ impl<DB: Backend> Checker<DB> {
                 continue;
             }
             stats.checked += 1;
-            match run_check_back(ADAPTER, self.check_back.as_ref(), &entry.message).await {
+            let answer = run_check_back(
+                ADAPTER,
+                self.check_back.as_ref(),
+                &entry.message,
+                self.config.check_back_timeout,
+            )
+            .await;
+            match answer {
                 TxState::Commit => {
                     if transitions::commit_prepared(&self.store, entry.id).await? {
                         stats.committed += 1;

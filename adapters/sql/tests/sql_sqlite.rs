@@ -41,6 +41,11 @@ async fn prepared_messages_and_check_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_check_back_is_unknown_within_its_timeout() {
+    s::a_hung_check_back_is_unknown_within_its_timeout::<Sqlite>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_read_only_is_a_typed_error_and_loses_nothing() {
     s::database_read_only::<Sqlite>().await;
 }

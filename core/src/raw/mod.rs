@@ -26,7 +26,7 @@ pub mod redrive;
 
 pub use crate::dead_letter::{MAX_REASON_LEN, dead_letter_message, header_safe, redrive_message};
 pub use crate::message::validate_destination;
-pub use crate::transaction::{run_check_back, run_local_transaction};
+pub use crate::transaction::{DEFAULT_CHECK_BACK_TIMEOUT, run_check_back, run_local_transaction};
 pub use crate::wire::wire_text;
 pub use consume::{ConsumePath, Disposition, Settle};
 pub use publish::{Publish, PublishPath, Sender};

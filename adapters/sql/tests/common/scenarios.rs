@@ -654,6 +654,57 @@ pub async fn prepared_messages_and_check_back<DB: TestDb>() {
     f.cleanup().await;
 }
 
+/// A check-back that never answers is `Unknown` after the checker's check-back timeout
+/// and does not hold up the row behind it, which commits in the same pass. Without the
+/// bound the pass never ends (the test's 10 s limit fails it).
+pub async fn a_hung_check_back_is_unknown_within_its_timeout<DB: TestDb>() {
+    let f = Fixture::<DB>::new().await;
+    let check_back = Arc::new(check_back_fn(|m: Message| async move {
+        if m.header("hang").is_some() {
+            std::future::pending::<()>().await;
+        }
+        TxState::Commit
+    }));
+    let checker = Checker::new(
+        f.store.clone(),
+        "orders-producer",
+        check_back,
+        CheckerConfig {
+            check_timeout: Duration::ZERO,
+            check_interval: Duration::ZERO,
+            check_back_timeout: Duration::from_millis(200),
+            ..CheckerConfig::default()
+        },
+    )
+    .unwrap();
+    let prepared = f.store.prepared();
+    let (hung, fine) = (order(1).with_header("hang", "yes"), order(2));
+    for m in [&hung, &fine] {
+        prepared
+            .prepare("orders-producer", m, Duration::ZERO)
+            .await
+            .unwrap();
+    }
+    let pass = tokio::time::timeout(Duration::from_secs(10), checker.run_once())
+        .await
+        .expect("a hung check-back held the checker's pass")
+        .unwrap();
+    assert_eq!(
+        (pass.checked, pass.unknown, pass.committed),
+        (2, 1, 1),
+        "{pass:?}"
+    );
+    assert_eq!(
+        f.state_of(hung.id()).await.unwrap().state,
+        EntryState::Prepared
+    );
+    assert_ne!(
+        f.state_of(fine.id()).await.unwrap().state,
+        EntryState::Prepared
+    );
+    f.cleanup().await;
+}
+
 /// The database is gone: typed errors, nothing marked sent.
 pub async fn database_down<DB: TestDb>() {
     let f = Fixture::<DB>::new().await;
