@@ -324,7 +324,11 @@ mod tests {
         );
         // The timeout is 300 ms (plus the lane's 1 s slack at worst); the fallback before
         // the check-back had its own bound was 20 s.
-        assert!(asked.elapsed() < Duration::from_secs(5), "{:?}", asked.elapsed());
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            asked.elapsed()
+        );
     }
 
     #[test]
