@@ -11,7 +11,9 @@ use surety_core::{
 };
 
 use super::CaseResult;
-use super::steps::{fail, fast_retry, fresh, header, publish_all, publisher, settle, start};
+use super::steps::{
+    consume_until, fail, fast_retry, fresh, header, publish_all, publisher, settle, start,
+};
 use crate::foreign::{ForeignMessage, ForeignProducer};
 use crate::support::{Collector, unique_name};
 use crate::{Fixture, Observed};
@@ -77,6 +79,30 @@ async fn good_message(f: &Fixture, destination: &str) -> Result<Message, String>
     Ok(good)
 }
 
+/// Consumes `destination` as `group` (three attempts, short backoff) with `collector`
+/// until `done` holds and `good` has arrived (or the delivery timeout passes); `good`
+/// must then have been delivered exactly once.
+async fn consume_then_good_once(
+    f: &Fixture,
+    destination: &str,
+    group: &str,
+    collector: &Collector,
+    good: &Message,
+    done: impl Fn(&Collector) -> bool,
+) -> Result<(), String> {
+    let sub = Subscription::new(destination, group).retry(fast_retry(3));
+    consume_until(f, sub, collector, |c| {
+        done(c) && !c.of(good.id()).is_empty()
+    })
+    .await?;
+    let times = collector.of(good.id()).len();
+    ensure!(
+        times == 1,
+        "the good message after the foreign ones was delivered {times} times, want once"
+    );
+    Ok(())
+}
+
 pub(super) async fn forged_control_headers_are_data(f: Fixture) -> CaseResult {
     let producer = foreign(&f)?;
     let (dest, groups) = fresh(&f, "forged", &["g"]).await?;
@@ -102,18 +128,10 @@ pub(super) async fn forged_control_headers_are_data(f: Fixture) -> CaseResult {
         ("forged", 1) => Err("first try fails".into()),
         _ => Ok(Outcome::Ack),
     });
-    let sub = Subscription::new(&dest, &groups[0]).retry(fast_retry(3));
-    let handle = start(&f, sub, &collector).await?;
-    let good_id = good.id().clone();
-    settle(&f, vec![handle], || {
-        of_case(&collector, "forged").len() >= 2 && !collector.of(&good_id).is_empty()
+    consume_then_good_once(&f, &dest, &groups[0], &collector, &good, |c| {
+        of_case(c, "forged").len() >= 2
     })
-    .await;
-    ensure!(
-        collector.of(&good_id).len() == 1,
-        "the good message behind the forged one was delivered {} times",
-        collector.of(&good_id).len()
-    );
+    .await?;
     let forged = of_case(&collector, "forged");
     let attempts: Vec<u32> = forged.iter().map(|d| d.attempt).collect();
     ensure!(
@@ -166,18 +184,10 @@ pub(super) async fn oversized_headers_never_block_the_dead_letter(f: Fixture) ->
         "retried" | "good" => Ok(Outcome::Ack),
         _ => Ok(Outcome::reject("poison")),
     });
-    let sub = Subscription::new(&dest, group).retry(fast_retry(3));
-    let handle = start(&f, sub, &collector).await?;
-    let good_id = good.id().clone();
-    settle(&f, vec![handle], || {
-        of_case(&collector, "retried").len() >= 2 && !collector.of(&good_id).is_empty()
+    consume_then_good_once(&f, &dest, group, &collector, &good, |c| {
+        of_case(c, "retried").len() >= 2
     })
-    .await;
-    ensure!(
-        collector.of(&good_id).len() == 1,
-        "the good message behind the poison was delivered {} times",
-        collector.of(&good_id).len()
-    );
+    .await?;
     let retried = of_case(&collector, "retried");
     ensure!(
         retried.len() == 2 && retried[0].message.id() == retried[1].message.id(),
@@ -272,21 +282,11 @@ pub(super) async fn unusable_ids_are_replaced_by_stable_ones(f: Fixture) -> Case
         ("good", _) | (_, 2..) => Ok(Outcome::Ack),
         _ => Err("first try fails".into()),
     });
-    let sub = Subscription::new(&dest, group).retry(fast_retry(3));
-    let handle = start(&f, sub, &collector).await?;
-    let good_id = good.id().clone();
     let retried = ["no-id", "garbage-id", "null-body"];
-    settle(&f, vec![handle], || {
-        retried.iter().all(|c| of_case(&collector, c).len() >= 2)
-            && !of_case(&collector, "rejected").is_empty()
-            && !collector.of(&good_id).is_empty()
+    consume_then_good_once(&f, &dest, group, &collector, &good, |c| {
+        retried.iter().all(|name| of_case(c, name).len() >= 2) && !of_case(c, "rejected").is_empty()
     })
-    .await;
-    ensure!(
-        collector.of(&good_id).len() == 1,
-        "the good message was delivered {} times",
-        collector.of(&good_id).len()
-    );
+    .await?;
     let mut ids = Vec::new();
     for case in retried {
         let seen = of_case(&collector, case);
