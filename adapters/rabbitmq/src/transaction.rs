@@ -141,17 +141,17 @@ impl BrokerTransaction for RabbitTransaction {
             .filter_map(|r| r.delivery.properties.message_id().as_ref())
             .map(|s| s.as_str().to_owned())
             .collect();
+        let committed = self.published.saturating_sub(returned.len());
         Err(Error::new(
             ErrorKind::Unroutable,
             format!(
-                "{} message(s) of the transaction had no queue and were returned, not delivered: {}; the other {} were committed",
+                "{} message(s) of the transaction had no queue and were returned, not delivered: {}; the other {committed} were committed",
                 returned.len(),
                 ids.join(", "),
-                self.published.saturating_sub(returned.len())
             ),
         )
         .with_context("adapter", ADAPTER)
-        .with_context("committed", self.published.saturating_sub(returned.len()).to_string()))
+        .with_context("committed", committed.to_string()))
     }
 
     async fn abort(self: Box<Self>) -> Result<()> {

@@ -74,6 +74,8 @@ struct Queue {
 }
 
 struct Scan {
+    /// The re-drive cursor's consumer group.
+    cursor_group: String,
     queues: Vec<Queue>,
     /// In queue order, each queue's in offset order.
     records: Vec<Record>,
@@ -211,7 +213,11 @@ impl RocketMqDeadLetterLog {
             tracing::warn!(error = %e, "dead-letter reader shutdown");
         }
         let records = result?;
-        Ok(Scan { queues, records })
+        Ok(Scan {
+            cursor_group,
+            queues,
+            records,
+        })
     }
 }
 
@@ -320,7 +326,7 @@ impl DeadLetterLog for RocketMqDeadLetterLog {
         }
         Ok(Box::new(Pass {
             shared: self.shared.clone(),
-            cursor_group: redrive_cursor_group(&codec::consumer_group_name(group, destination)),
+            cursor_group: scan.cursor_group,
             queues: scan.queues,
             records,
             at: 0,
