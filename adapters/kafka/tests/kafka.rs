@@ -58,6 +58,46 @@ where
         .unwrap();
 }
 
+/// A fresh topic named after `what`, declared with a fresh consumer group.
+async fn topic_with_group(broker: &KafkaBroker, what: &str) -> (String, String) {
+    let (topic, group) = (unique(what), unique(&format!("{what}-group")));
+    broker
+        .declare(&Topology::new(&topic).group(&group))
+        .await
+        .unwrap();
+    (topic, group)
+}
+
+/// Subscribes `group` to `topic` with a handler that records every delivery and answers
+/// with `outcome`.
+async fn record(
+    broker: &KafkaBroker,
+    topic: &str,
+    group: &str,
+    outcome: impl Fn(&Delivery) -> Outcome + Send + Sync + 'static,
+) -> (SubscriptionHandle, Arc<Mutex<Vec<Delivery>>>) {
+    let seen: Arc<Mutex<Vec<Delivery>>> = Arc::default();
+    let (sink, outcome) = (seen.clone(), Arc::new(outcome));
+    let handle = broker
+        .subscriber()
+        .await
+        .unwrap()
+        .subscribe(
+            Subscription::new(topic, group),
+            Arc::new(handler_fn(move |d: Delivery| {
+                let (sink, outcome) = (sink.clone(), outcome.clone());
+                async move {
+                    let answer = outcome(&d);
+                    sink.lock().unwrap().push(d);
+                    Ok(answer)
+                }
+            })),
+        )
+        .await
+        .unwrap();
+    (handle, seen)
+}
+
 /// Publishes `message` through Surety, confirmed.
 async fn publish(broker: &KafkaBroker, message: &Message) {
     broker
@@ -398,12 +438,7 @@ async fn malformed_records_from_a_foreign_producer_never_stop_the_consumer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_retry_headers_on_the_topic_neither_stall_nor_misroute() {
     let broker = broker().await;
-    let topic = unique("forged");
-    let group = unique("forged-group");
-    broker
-        .declare(&Topology::new(&topic).group(&group))
-        .await
-        .unwrap();
+    let (topic, group) = topic_with_group(&broker, "forged").await;
     let raw = foreign_producer(&broker);
     let a_year_on = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -434,24 +469,7 @@ async fn forged_retry_headers_on_the_topic_neither_stall_nor_misroute() {
     let after = Message::new(&topic, "after the forgery");
     publish(&broker, &after).await;
 
-    let seen: Arc<Mutex<Vec<Delivery>>> = Arc::default();
-    let sink = seen.clone();
-    let handle = broker
-        .subscriber()
-        .await
-        .unwrap()
-        .subscribe(
-            Subscription::new(&topic, &group),
-            Arc::new(handler_fn(move |d: Delivery| {
-                let sink = sink.clone();
-                async move {
-                    sink.lock().unwrap().push(d);
-                    Ok(Outcome::Ack)
-                }
-            })),
-        )
-        .await
-        .unwrap();
+    let (handle, seen) = record(&broker, &topic, &group, |_| Outcome::Ack).await;
     // Generous for a group join on a loaded machine; a stalled partition waits a year.
     let both = wait(Duration::from_secs(60), || seen.lock().unwrap().len() >= 2).await;
     handle.shutdown().await;
@@ -485,12 +503,7 @@ async fn forged_retry_headers_on_the_topic_neither_stall_nor_misroute() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_record_with_an_oversized_header_is_dead_lettered() {
     let broker = broker().await;
-    let topic = unique("bigheader");
-    let group = unique("bigheader-group");
-    broker
-        .declare(&Topology::new(&topic).group(&group))
-        .await
-        .unwrap();
+    let (topic, group) = topic_with_group(&broker, "bigheader").await;
     let raw = foreign_producer(&broker);
     let big = "b".repeat(20 * 1024);
     send_foreign(
@@ -506,37 +519,26 @@ async fn a_poison_record_with_an_oversized_header_is_dead_lettered() {
     let after = Message::new(&topic, "after the poison");
     publish(&broker, &after).await;
 
-    let poison_deliveries = Arc::new(AtomicUsize::new(0));
-    let good = Arc::new(AtomicUsize::new(0));
-    let (p, g) = (poison_deliveries.clone(), good.clone());
-    let handle = broker
-        .subscriber()
-        .await
-        .unwrap()
-        .subscribe(
-            Subscription::new(&topic, &group),
-            Arc::new(handler_fn(move |d: Delivery| {
-                let (p, g) = (p.clone(), g.clone());
-                async move {
-                    if d.message.payload().as_ref() == b"poison" {
-                        p.fetch_add(1, Ordering::SeqCst);
-                        return Ok(Outcome::reject("poison"));
-                    }
-                    g.fetch_add(1, Ordering::SeqCst);
-                    Ok(Outcome::Ack)
-                }
-            })),
-        )
-        .await
-        .unwrap();
-    let moved_on = wait(Duration::from_secs(60), || good.load(Ordering::SeqCst) >= 1).await;
+    let is_poison = |d: &Delivery| d.message.payload().as_ref() == b"poison";
+    let (handle, seen) = record(&broker, &topic, &group, move |d| {
+        if is_poison(d) {
+            Outcome::reject("poison")
+        } else {
+            Outcome::Ack
+        }
+    })
+    .await;
+    let moved_on = wait(Duration::from_secs(60), || {
+        seen.lock().unwrap().iter().any(|d| !is_poison(d))
+    })
+    .await;
     handle.shutdown().await;
     assert!(
         moved_on,
         "the partition never reached the message after the poison"
     );
     assert_eq!(
-        poison_deliveries.load(Ordering::SeqCst),
+        seen.lock().unwrap().iter().filter(|d| is_poison(d)).count(),
         1,
         "rejected once, then dead"
     );
